@@ -1,0 +1,82 @@
+"""One typed description of a decoder-only LM, independent of where its weights come from."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from hyperclone_dist.errors import HypercloneError
+
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+
+
+@dataclass
+class ModelConfig:
+    family: str  # a key of hyperclone_dist.families.FAMILIES: gpt2, llama, mistral, qwen2, opt, gpt_neox
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int  # query heads
+    num_kv_heads: int  # key/value heads (== num_heads: MHA, 1: MQA, else GQA)
+    head_dim: int  # unchanged by width growth: softmax scale and RoPE stay as they are
+    ffn_hidden_size: int  # MLP inner width (per branch for gated MLPs)
+    max_position_embeddings: int
+    norm: str = "rmsnorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    activation: str = "silu"  # HF activation name, applied to fc1 (or to the gate of a gated MLP)
+    gated_mlp: bool = True  # SwiGLU-style: down(act(gate(x)) * up(x))
+    position_embedding: str = "rope"  # learned | rope
+    position_offset: int = 0  # rows of the learned table before position 0 (OPT: 2)
+    rotary_percent: float = 1.0  # fraction of head_dim that is rotated (GPT-NeoX partial rotary)
+    rotary_base: float = 10000.0
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    attn_out_bias: bool = False
+    mlp_bias: bool = False
+    norm_bias: bool = False  # LayerNorm has a bias; RMSNorm never does
+    parallel_residual: bool = False  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+    pre_norm: bool = True  # False: post-LN blocks (OPT-350M style)
+    init_std: float = 0.02  # base init std (HF initializer_range); used by muP warmstart
+    hf_extra: dict[str, Any] = field(default_factory=dict)  # HF config keys passed through untouched
+
+    def __post_init__(self):
+        positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                    "ffn_hidden_size", "max_position_embeddings")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise HypercloneError(f"config field {name}={value!r} must be a positive integer")
+        if self.norm not in NORMS:
+            raise HypercloneError(f"config field norm={self.norm!r} must be one of {NORMS}")
+        if self.position_embedding not in POSITIONS:
+            raise HypercloneError(
+                f"config field position_embedding={self.position_embedding!r} must be one of {POSITIONS}")
+        if self.num_heads % self.num_kv_heads:
+            raise HypercloneError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if not 0.0 < self.rotary_percent <= 1.0:
+            raise HypercloneError(f"rotary_percent={self.rotary_percent} must be in (0, 1]")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise HypercloneError(f"unknown model config fields: {', '.join(unknown)}")
+        return cls(**data)

@@ -1,0 +1,49 @@
+"""The converter entry point: a small checkpoint in, a grown checkpoint out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hyperclone_dist.checkpoint.atomic import atomic_output_dir
+from hyperclone_dist.checkpoint.hf_writer import DEFAULT_SHARD_BYTES, write_hf_checkpoint
+from hyperclone_dist.checkpoint.reader import SourceCheckpoint
+from hyperclone_dist.config import ModelConfig
+from hyperclone_dist.errors import HypercloneError
+from hyperclone_dist.growth.grow import Grower
+from hyperclone_dist.growth.spec import GrowthSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+FORMATS = ("hf",)
+
+
+@dataclass
+class ConvertResult:
+    out: Path
+    small: ModelConfig
+    large: ModelConfig
+    largest_shard_bytes: int
+
+
+@torch.inference_mode()
+def convert(src: str | Path, out: str | Path, spec: GrowthSpec, *, fmt: str = "hf", dtype: str = "float32",
+            overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> ConvertResult:
+    """Grow the checkpoint at ``src`` (HF directory or small.pt) by ``spec`` and write it to ``out``.
+
+    Tensors are grown and written one at a time; ``out`` appears only once complete, and an existing
+    checkpoint there is replaced only with ``overwrite=True``. ``src`` is opened read-only.
+    """
+    if fmt not in FORMATS:
+        raise HypercloneError(f"unknown output format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if dtype not in DTYPES:
+        raise HypercloneError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    src, out = Path(src), Path(out)
+    source = SourceCheckpoint(src)
+    grower = Grower(source.config, spec, source.get)
+    canonical = {name: grower.shapes[name] for name in grower.names()}
+    with atomic_output_dir(out, overwrite=overwrite, source=src) as tmp:
+        largest = write_hf_checkpoint(tmp, grower.large, canonical, grower.full, DTYPES[dtype], shard_bytes,
+                                      source_dir=src if src.is_dir() else None, progress=progress)
+    return ConvertResult(out, source.config, grower.large, largest)

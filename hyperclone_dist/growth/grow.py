@@ -1,0 +1,188 @@
+"""Any rectangular slice of any grown tensor, computed from the small tensors alone.
+
+``Grower.slice(name, (rows, cols))`` is the one primitive: the HF writer asks for whole tensors, a
+tensor-parallel rank for its rows or columns. Every element depends only on its position, the small
+tensor it comes from and (seed, name), so all partitions of the grown model agree bitwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from hyperclone_dist.config import ModelConfig
+from hyperclone_dist.errors import HypercloneError
+from hyperclone_dist.growth.noise import field_key, mean_square, noise_rows
+from hyperclone_dist.growth.rules import Rule, axis_factor, rule_for
+from hyperclone_dist.growth.spec import GrowthSpec, LayerSource, layer_plan
+from hyperclone_dist.params import canonical_shapes, layer_of
+
+Index = Sequence[slice] | None
+
+
+def grown_config(small: ModelConfig, spec: GrowthSpec, plan: list[LayerSource]) -> ModelConfig:
+    n, m = spec.n, spec.m
+    depth_changed = [p.source for p in plan] != list(range(small.num_layers))
+    if depth_changed and small.hf_extra.get("scale_attn_by_inverse_layer_idx"):
+        raise HypercloneError("depth growth of a GPT-2 model with scale_attn_by_inverse_layer_idx=True "
+                              "would change every later layer's attention scale; grow width only")
+    if any(p.identity for p in plan) and (not small.pre_norm):
+        raise HypercloneError("identity layer insertion needs pre-norm blocks; this model is post-LN, "
+                              "where a zeroed block is not an identity")
+    extra = dict(small.hf_extra)
+    if isinstance(extra.get("layer_types"), list) and len(extra["layer_types"]) == small.num_layers:
+        extra["layer_types"] = [small.hf_extra["layer_types"][p.source] for p in plan]
+    keep_tie = small.tie_word_embeddings and n == 1 and spec.method != "warmstart"
+    return small.replace(
+        hidden_size=small.hidden_size * n, num_heads=small.num_heads * n, num_kv_heads=small.num_kv_heads * n,
+        ffn_hidden_size=small.ffn_hidden_size * m, num_layers=len(plan), tie_word_embeddings=keep_tie,
+        hf_extra=extra)
+
+
+class Grower:
+    """Grown model = growth rules applied to a small model reachable through ``get_small(name)``."""
+
+    def __init__(self, small: ModelConfig, spec: GrowthSpec, get_small: Callable[[str], torch.Tensor]):
+        self.small, self.spec, self.get_small = small, spec, get_small
+        self.plan = layer_plan(spec, small.num_layers)
+        self.large = grown_config(small, spec, self.plan)
+        self.shapes = canonical_shapes(self.large)
+        self._small_shapes = canonical_shapes(small)
+        self._mean_squares: dict[str, float] = {}
+
+    # ---- bookkeeping ----------------------------------------------------------------------------
+    def names(self, with_head: bool | None = None) -> list[str]:
+        """Grown canonical names in forward order; the head is left out when the output stays tied."""
+        if with_head is None:
+            with_head = not self.large.tie_word_embeddings
+        return [k for k in self.shapes if with_head or k != "head.weight"]
+
+    def source_of(self, name: str) -> tuple[str, LayerSource | None]:
+        layer = layer_of(name)
+        if layer is None:
+            return name, None
+        source = self.plan[layer]
+        return name.replace(f"layers.{layer}.", f"layers.{source.source}.", 1), source
+
+    def factors(self, name: str) -> tuple[int, ...]:
+        return tuple(axis_factor(a, self.spec.n, self.spec.m) for a in rule_for(name).axes)
+
+    # ---- the primitive --------------------------------------------------------------------------
+    def slice(self, name: str, index: Index = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Elements ``index`` (one slice per dimension, step 1) of grown tensor ``name``."""
+        if name not in self.shapes:
+            raise HypercloneError(f"the grown model has no parameter {name}")
+        shape = self.shapes[name]
+        bounds = _bounds(index, shape, name)
+        small_name, source = self.source_of(name)
+        rule = rule_for(name)
+        small = self.get_small(small_name)
+        out_dtype = dtype or small.dtype
+        out_shape = tuple(hi - lo for lo, hi in bounds)
+        if small.is_meta:
+            return torch.empty(out_shape, dtype=out_dtype, device="meta")
+        if source is not None and source.identity and rule.zero_on_insert:
+            return torch.zeros(out_shape, dtype=out_dtype)
+        work = small.to(torch.float64 if small.dtype == torch.float64 else torch.float32)
+        if self.spec.method == "warmstart":
+            out = self._warmstart(name, rule, work, bounds)
+        else:
+            out = self._clone(name, rule, work, bounds)
+        return out.to(out_dtype)
+
+    # ---- HyperCloning ---------------------------------------------------------------------------
+    def _clone(self, name: str, rule: Rule, w: torch.Tensor, bounds) -> torch.Tensor:
+        if w.dim() == 1:
+            (lo, hi), = bounds
+            return w[torch.arange(lo, hi) % w.shape[0]]
+        (r0, r1), (c0, c1) = bounds
+        o, i = w.shape
+        b = self.factors(name)[1]
+        out = torch.empty(r1 - r0, c1 - c0, dtype=w.dtype)
+        for rb in range(r0 // o, (r1 - 1) // o + 1):
+            lr0, lr1 = max(r0, rb * o) - rb * o, min(r1, (rb + 1) * o) - rb * o
+            for cb in range(c0 // i, (c1 - 1) // i + 1):
+                lc0, lc1 = max(c0, cb * i) - cb * i, min(c1, (cb + 1) * i) - cb * i
+                block = self._clone_block(name, rule, w, b, rb, cb, (lr0, lr1), (lc0, lc1))
+                dr, dc = rb * o + lr0 - r0, cb * i + lc0 - c0
+                out[dr:dr + lr1 - lr0, dc:dc + lc1 - lc0] = block
+        return out
+
+    def _clone_block(self, name, rule: Rule, w, b, rb, cb, rows, cols) -> torch.Tensor:
+        """Block (rb, cb) of a grown matrix, restricted to small-tensor rows/cols."""
+        method = self.spec.method if (rule.mixable and b > 1) else "symmetric"
+        part = w[rows[0]:rows[1], cols[0]:cols[1]]
+        diagonal = cb == rb % b
+        if method in ("diagonal", "noisy-diagonal"):
+            base = part if diagonal else torch.zeros_like(part)
+        else:
+            base = part / b if rule.divide else part
+        if method == "noisy":
+            if b % 2 == 1 and cb == b - 1:
+                return base  # odd copy count: the unpaired block gets no noise
+            noise = self._noise(name, f"noisy/{rb}/{cb // 2}", w, b, rows, cols)
+            return base + noise if cb % 2 == 0 else base - noise
+        if method == "noisy-diagonal":
+            noise = self._noise(name, f"noisy-diagonal/{rb}", w, 1, rows, cols)
+            return base + noise if diagonal else base - noise / (b - 1)
+        return base
+
+    def _noise(self, name, tag, w, divisor, rows, cols) -> torch.Tensor:
+        """Noise whose power is the block's signal power / 10^(SNR/10), the block being w/divisor."""
+        small_name, _ = self.source_of(name)
+        if small_name not in self._mean_squares:
+            self._mean_squares[small_name] = mean_square(w)
+        std = math.sqrt(self._mean_squares[small_name] / divisor**2 / 10 ** (self.spec.snr_db / 10))
+        key = field_key(self.spec.seed, name, tag)
+        return noise_rows(key, range(*rows), w.shape[1], slice(*cols), w.dtype) * std
+
+    # ---- muP warmstart --------------------------------------------------------------------------
+    def init_std(self, name: str) -> float:
+        """The target width's muP init std for ``name`` (base std = the small model's init_std)."""
+        rule = rule_for(name)
+        base = self.small.init_std
+        if rule.init == "embed":
+            return base
+        fan_in_mult = self.factors(name)[-1]  # large fan-in / small fan-in
+        if rule.init == "output":
+            return base / fan_in_mult  # muP output layer: variance 1/fan_in^2
+        return base / math.sqrt(fan_in_mult)  # hidden matrices: variance 1/fan_in
+
+    def _warmstart(self, name: str, rule: Rule, w: torch.Tensor, bounds) -> torch.Tensor:
+        """lambda * zero_pad(small) + sigma * muP init; vectors keep their values and pad with init."""
+        small_box = [range(lo, min(hi, size)) for (lo, hi), size in zip(bounds, w.shape)]
+        out_shape = tuple(hi - lo for lo, hi in bounds)
+        if w.dim() == 1:
+            out = torch.full(out_shape, 1.0 if rule.init == "one" else 0.0, dtype=w.dtype)
+            (lo, _), = bounds
+            if len(small_box[0]):
+                out[: len(small_box[0])] = w[small_box[0].start:small_box[0].stop]
+            return out
+        (r0, r1), (c0, c1) = bounds
+        key = field_key(self.spec.seed, name, "warmstart")
+        out = noise_rows(key, range(r0, r1), self.shapes[name][1], slice(c0, c1), w.dtype)
+        out *= self.spec.perturb * self.init_std(name)
+        rows, cols = small_box
+        if len(rows) and len(cols):
+            part = w[rows.start:rows.stop, cols.start:cols.stop] * self.spec.shrink
+            out[: len(rows), : len(cols)] += part
+        return out
+
+    def full(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.slice(name, None, dtype)
+
+
+def _bounds(index: Index, shape: tuple[int, ...], name: str) -> list[tuple[int, int]]:
+    if index is None:
+        return [(0, s) for s in shape]
+    if len(index) != len(shape):
+        raise HypercloneError(f"{name} has {len(shape)} dimensions, the slice gives {len(index)}")
+    bounds = []
+    for sl, size in zip(index, shape):
+        lo, hi, step = sl.indices(size)
+        if step != 1 or hi <= lo:
+            raise HypercloneError(f"slice {sl} of {name} (size {size}) must be non-empty with step 1")
+        bounds.append((lo, hi))
+    return bounds

@@ -1,0 +1,76 @@
+"""Build transformers models from canonical checkpoints (verification, tests, the trainer's exports)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+
+import torch
+
+from hyperclone_dist.checkpoint.reader import SourceCheckpoint
+from hyperclone_dist.config import ModelConfig
+from hyperclone_dist.errors import HypercloneError
+from hyperclone_dist.families import FAMILIES, hf_names_for
+from hyperclone_dist.hf_config import config_to_hf
+from hyperclone_dist.layout import fuse_hf
+from hyperclone_dist.params import canonical_shapes
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    return transformers
+
+
+def hf_model_from_config(cfg: ModelConfig, attn_implementation: str = "eager"):
+    """An HF model with ``cfg``'s architecture (random weights, float32, eval mode, no dropout)."""
+    transformers = _quiet_transformers()
+    hf = config_to_hf(cfg)
+    hf.pop("architectures", None)
+    model_type = hf.pop("model_type")
+    hf_config = transformers.AutoConfig.for_model(model_type, **hf)
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout", "hidden_dropout"):
+        if hasattr(hf_config, key):
+            setattr(hf_config, key, 0.0)
+    hf_config._attn_implementation = attn_implementation
+    with contextlib.redirect_stderr(io.StringIO()):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    return model.eval()
+
+
+def hf_state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF-named state dict from canonical tensors (fusing where the family fuses)."""
+    family = FAMILIES[cfg.family]
+    names = list(canonical_shapes(cfg, with_head=not cfg.tie_word_embeddings))
+    return {hf_name: fuse_hf(family, template, [tensors[p] for p in parts], cfg)
+            for hf_name, template, parts in hf_names_for(family, names)}
+
+
+def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "eager"):
+    """An HF model from an HF directory or a small.pt file, in ``dtype``, eval mode."""
+    path = Path(path)
+    if path.is_dir():
+        SourceCheckpoint(path)  # validates names and shapes with one-line errors first
+        transformers = _quiet_transformers()
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    path, dtype=dtype, attn_implementation=attn_implementation)
+        except (OSError, ValueError) as exc:
+            raise HypercloneError(f"transformers cannot load {path}: {str(exc).splitlines()[0][:200]}") from None
+        return model.eval()
+    source = SourceCheckpoint(path)
+    cfg = source.config
+    model = hf_model_from_config(cfg, attn_implementation)
+    tensors = {name: source.get(name) for name in canonical_shapes(cfg, with_head=not cfg.tie_word_embeddings)}
+    missing, unexpected = model.load_state_dict(hf_state_dict(cfg, tensors), strict=False)
+    missing = [k for k in missing if not (cfg.tie_word_embeddings and k.endswith("lm_head.weight"))]
+    if missing or unexpected:
+        raise HypercloneError(f"{path}: HF model mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    return model.to(dtype).eval()
