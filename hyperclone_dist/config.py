@@ -38,6 +38,7 @@ class ModelConfig:
     norm_bias: bool = False  # LayerNorm has a bias; RMSNorm never does
     parallel_residual: bool = False  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
     pre_norm: bool = True  # False: post-LN blocks (OPT-350M style)
+    final_norm: bool = True  # a norm before the head (post-LN OPT has none)
     init_std: float = 0.02  # base init std (HF initializer_range); used by muP warmstart
     hf_extra: dict[str, Any] = field(default_factory=dict)  # HF config keys passed through untouched
 
@@ -79,4 +80,7 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise HypercloneError(f"unknown model config fields: {', '.join(unknown)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except TypeError as exc:  # required fields missing
+            raise HypercloneError(f"incomplete model config: {exc}") from None

@@ -41,8 +41,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             raise HypercloneError(
                 f"OPT with word_embed_proj_dim={proj} != hidden_size={values['hidden_size']} (OPT-350M's "
                 "project_in/project_out) is not supported: the projections sit outside the residual stream")
-        if hf.get("_remove_final_layer_norm"):
-            raise HypercloneError("OPT with _remove_final_layer_norm=True is not supported")
+        # HF OPT builds its final LayerNorm only for pre-LN models that did not remove it
+        values["final_norm"] = bool(values.get("pre_norm", True)) and not hf.get("_remove_final_layer_norm")
     if values.get("position_embedding") == "rope":
         values["rotary_base"], values["rotary_percent"] = _rope(hf)
     extra = {k: v for k, v in hf.items() if k not in _OWNED and k not in family.config_keys.values()}
@@ -75,6 +75,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
         hf["rope_parameters"] = rope
     if cfg.family == "opt":
         hf["word_embed_proj_dim"] = cfg.hidden_size
+        hf["_remove_final_layer_norm"] = cfg.pre_norm and not cfg.final_norm
     if isinstance(hf.get("layer_types"), list) and len(hf["layer_types"]) != cfg.num_layers:
         del hf["layer_types"]  # stale after depth growth; growth rewrites it, HF derives it otherwise
     hf.update(model_type=family.model_type, architectures=[family.architecture], dtype=dtype)

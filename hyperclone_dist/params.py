@@ -56,9 +56,10 @@ def canonical_shapes(cfg: ModelConfig, with_head: bool = True) -> dict[str, tupl
         shapes["pos_embed.weight"] = (cfg.max_position_embeddings + cfg.position_offset, d)
     for i in range(cfg.num_layers):
         shapes.update(layer_shapes(cfg, i))
-    shapes["final_norm.weight"] = (d,)
-    if cfg.norm_bias:
-        shapes["final_norm.bias"] = (d,)
+    if cfg.final_norm:
+        shapes["final_norm.weight"] = (d,)
+        if cfg.norm_bias:
+            shapes["final_norm.bias"] = (d,)
     if with_head:
         shapes["head.weight"] = (cfg.vocab_size, d)
     return shapes

@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from hyperclone_dist.checkpoint import small_pt
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.errors import HypercloneError
-from hyperclone_dist.families import FAMILIES, match_hf_name
+from hyperclone_dist.families import FAMILIES, family_of, match_hf_name
 from hyperclone_dist.hf_config import config_from_hf
 from hyperclone_dist.layout import hf_shape, split_hf
 from hyperclone_dist.params import canonical_shapes
@@ -70,6 +70,8 @@ class SourceCheckpoint:
             hf = json.loads(config_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise HypercloneError(f"cannot parse {config_file}: {_first_line(exc)}") from None
+        if not isinstance(hf, dict):
+            raise HypercloneError(f"{config_file} does not hold a JSON object")
         self.config: ModelConfig = config_from_hf(hf)
         self.family = FAMILIES[self.config.family]
         self.hf_config = hf
@@ -143,7 +145,7 @@ class SourceCheckpoint:
     def _open_small_pt(self) -> None:
         payload = torch_load(self.path)
         self.config, self._state, self.meta = small_pt.unpack(payload, self.path)
-        self.family = FAMILIES[self.config.family]
+        self.family = family_of(self.config.family)
         self.hf_config = None
         self.dtype = self._state["embed.weight"].dtype
 

@@ -1,0 +1,128 @@
+"""``hyperclone``: grow, verify and inspect checkpoints.
+
+    hyperclone convert small/ --out big/ --width-factor 2 --method noisy --format hf
+    hyperclone verify small/ big/
+    hyperclone inspect big/
+    hyperclone quickstart
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from hyperclone_dist.errors import HypercloneError
+
+EXIT_BAD_INPUT = 2
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """A usage mistake is reported like every other bad input: one line, exit 2 (usage stays in --help)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def _add_growth_flags(p: argparse.ArgumentParser) -> None:
+    from hyperclone_dist.growth.spec import METHODS
+
+    g = p.add_argument_group("growth")
+    g.add_argument("--width-factor", type=int, default=1, metavar="N",
+                   help="hidden size, query heads and kv heads grow xN (head_dim unchanged)")
+    g.add_argument("--ffn-factor", type=int, default=None, metavar="M",
+                   help="MLP inner width grows xM (default: N, keeping the hidden:ffn ratio)")
+    g.add_argument("--method", choices=METHODS, default="symmetric",
+                   help="HyperCloning variant, or warmstart (shrink, zero-pad, perturb; not function-preserving)")
+    g.add_argument("--snr-db", type=float, default=10.0, help="noisy variants: signal-to-noise ratio in dB")
+    g.add_argument("--shrink", type=float, default=0.5, help="warmstart: lambda on the zero-padded small weights")
+    g.add_argument("--perturb", type=float, default=1.0, help="warmstart: sigma on the target width's muP init")
+    depth = g.add_mutually_exclusive_group()
+    depth.add_argument("--insert-layers", metavar="SPEC",
+                       help="identity blocks: every:K (after every K-th layer), end:N, or a list like 3,7")
+    depth.add_argument("--stack", type=int, default=1, metavar="G",
+                       help="repeat the layer stack G times (not function-preserving)")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random number (noise, perturbation)")
+
+
+def growth_spec(args: argparse.Namespace):
+    from hyperclone_dist.growth.spec import GrowthSpec
+
+    return GrowthSpec(width_factor=args.width_factor, ffn_factor=args.ffn_factor, method=args.method,
+                      snr_db=args.snr_db, shrink=args.shrink, perturb=args.perturb,
+                      insert_layers=args.insert_layers, stack=args.stack, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineErrorParser(prog="hyperclone", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="grow a small checkpoint into a larger one")
+    p.add_argument("src", help="HF model directory or small.pt")
+    p.add_argument("--out", required=True, help="output directory (created atomically)")
+    p.add_argument("--format", choices=["hf"], default="hf", help="output format")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--shard-size", type=float, default=2.0, metavar="GiB", help="max safetensors shard size")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+    p.add_argument("--no-progress", action="store_true")
+    _add_growth_flags(p)
+
+    p = sub.add_parser("verify", help="compare logits of a small and a grown model (exit 0 within tolerance)")
+    p.add_argument("small", help="HF model directory or small.pt")
+    p.add_argument("grown", help="HF model directory or small.pt")
+    p.add_argument("--tol", type=float, default=1e-5, help="max relative logit difference allowed")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: full context)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seed", type=int, default=1234, help="seed of the token ids")
+
+    p = sub.add_parser("inspect", help="family, shapes, parameter count, dtype")
+    p.add_argument("path")
+    p.add_argument("--tensors", action="store_true", help="list every tensor")
+
+    p = sub.add_parser("quickstart", help="grow the built-in model x2 and verify it (no downloads)")
+    p.add_argument("--out", default="runs/quickstart")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "convert":
+            from hyperclone_dist.convert import convert
+
+            result = convert(args.src, args.out, growth_spec(args), fmt=args.format, dtype=args.dtype,
+                             overwrite=args.overwrite, shard_bytes=int(args.shard_size * 2**30),
+                             progress=not args.no_progress)
+            s, g = result.small, result.large
+            print(f"wrote {result.out}: {g.family} hidden {s.hidden_size}->{g.hidden_size}, "
+                  f"ffn {s.ffn_hidden_size}->{g.ffn_hidden_size}, layers {s.num_layers}->{g.num_layers}")
+            return 0
+        if args.command == "verify":
+            from hyperclone_dist.verify import compare_checkpoints
+
+            diff = compare_checkpoints(args.small, args.grown, args.seq_len, args.batch, args.seed)
+            verdict = "OK" if diff.ok(args.tol) else "FAIL"
+            print(f"max abs logit diff {diff.max_abs:.3e}  max rel {diff.max_rel:.3e}  (tol {args.tol:g}, "
+                  f"batch {diff.batch} x {diff.seq_len} tokens, float32)  {verdict}")
+            return 0 if diff.ok(args.tol) else 1
+        if args.command == "inspect":
+            from hyperclone_dist.inspect_ckpt import describe
+
+            print(describe(args.path, args.tensors))
+            return 0
+        if args.command == "quickstart":
+            from hyperclone_dist.cli.quickstart import run_quickstart
+
+            return run_quickstart(args.out)
+    except HypercloneError as exc:
+        print(f"hyperclone {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"hyperclone {args.command}: interrupted; no partial output was kept", file=sys.stderr)
+        return 130
+    return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
