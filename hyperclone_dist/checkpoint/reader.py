@@ -39,6 +39,18 @@ def torch_load(path: Path) -> object:
         raise HypercloneError(f"cannot read {path}: corrupt or truncated ({_first_line(exc)})") from None
 
 
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def _open_safetensors(file: Path):
+    """Read with pread where safetensors offers it: tensors are copied out, so pages of the source already
+    grown do not stay resident as they would behind a memory map (see benchmarks/grow_memory.py)."""
+    try:
+        return safe_open(str(file), framework="pt", backend="pread")
+    except TypeError:  # safetensors without the backend keyword
+        return safe_open(str(file), framework="pt")
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
@@ -113,7 +125,7 @@ class SourceCheckpoint:
         if file not in self._handles:
             if file.suffix == ".safetensors":
                 try:
-                    self._handles[file] = safe_open(str(file), framework="pt")
+                    self._handles[file] = _open_safetensors(file)
                 except (SafetensorError, OSError, ValueError) as exc:
                     raise HypercloneError(f"cannot read {file}: corrupt or truncated ({_first_line(exc)})") from None
             else:
@@ -139,6 +151,8 @@ class SourceCheckpoint:
 
     def _peek_dtype(self) -> torch.dtype:
         name, file, *_ = self._where.get("embed.weight") or next(iter(self._where.values()))
+        if file.suffix == ".safetensors":
+            return _SAFETENSORS_DTYPES.get(self._handle(file).get_slice(name).get_dtype(), torch.float32)
         return self._read_hf(name, file).dtype
 
     # ---- small.pt -------------------------------------------------------------------------------

@@ -87,27 +87,26 @@ class Grower:
             return torch.zeros(out_shape, dtype=out_dtype)
         work = small.to(torch.float64 if small.dtype == torch.float64 else torch.float32)
         if self.spec.method == "warmstart":
-            out = self._warmstart(name, rule, work, bounds)
-        else:
-            out = self._clone(name, rule, work, bounds)
-        return out.to(out_dtype)
+            return self._warmstart(name, rule, work, bounds).to(out_dtype)
+        return self._clone(name, rule, work, bounds, out_dtype)
 
     # ---- HyperCloning ---------------------------------------------------------------------------
-    def _clone(self, name: str, rule: Rule, w: torch.Tensor, bounds) -> torch.Tensor:
+    def _clone(self, name: str, rule: Rule, w: torch.Tensor, bounds, out_dtype: torch.dtype) -> torch.Tensor:
         if w.dim() == 1:
             (lo, hi), = bounds
-            return w[torch.arange(lo, hi) % w.shape[0]]
+            return w[torch.arange(lo, hi) % w.shape[0]].to(out_dtype)
         (r0, r1), (c0, c1) = bounds
         o, i = w.shape
         b = self.factors(name)[1]
-        out = torch.empty(r1 - r0, c1 - c0, dtype=w.dtype)
+        # blocks are computed in float32 and cast as they land: one block-sized temporary at a time
+        out = torch.empty(r1 - r0, c1 - c0, dtype=out_dtype)
         for rb in range(r0 // o, (r1 - 1) // o + 1):
             lr0, lr1 = max(r0, rb * o) - rb * o, min(r1, (rb + 1) * o) - rb * o
             for cb in range(c0 // i, (c1 - 1) // i + 1):
                 lc0, lc1 = max(c0, cb * i) - cb * i, min(c1, (cb + 1) * i) - cb * i
-                block = self._clone_block(name, rule, w, b, rb, cb, (lr0, lr1), (lc0, lc1))
                 dr, dc = rb * o + lr0 - r0, cb * i + lc0 - c0
-                out[dr:dr + lr1 - lr0, dc:dc + lc1 - lc0] = block
+                out[dr:dr + lr1 - lr0, dc:dc + lc1 - lc0] = self._clone_block(
+                    name, rule, w, b, rb, cb, (lr0, lr1), (lc0, lc1))
         return out
 
     def _clone_block(self, name, rule: Rule, w, b, rb, cb, rows, cols) -> torch.Tensor:
