@@ -53,6 +53,40 @@ def growth_spec(args: argparse.Namespace):
                       insert_layers=args.insert_layers, stack=args.stack, seed=args.seed)
 
 
+def _convert_megatron(args: argparse.Namespace) -> int:
+    """Megatron output; under torchrun every process writes its share of the ranks."""
+    from hyperclone_dist.convert import DTYPES
+    from hyperclone_dist.megatron.convert import convert_to_megatron
+    from hyperclone_dist.megatron.mapping import Layout
+
+    dist = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if _cuda() else "gloo")
+    try:
+        layout = Layout(tp=args.tp, pp=args.pp, vpp=args.vpp, vocab_divisible_by=args.vocab_divisible_by,
+                        spec=args.spec)
+        result = convert_to_megatron(args.src, args.out, growth_spec(args), layout, fmt=args.format,
+                                     dtype=DTYPES[args.dtype], overwrite=args.overwrite,
+                                     progress=not args.no_progress)
+        if not dist or dist.get_rank() == 0:
+            g = result.large
+            print(f"wrote {result.out}: {args.format} tp={args.tp} pp={args.pp}"
+                  f"{f' vpp={args.vpp}' if args.vpp else ''}, {g.family} hidden {g.hidden_size}, "
+                  f"ffn {g.ffn_hidden_size}, layers {g.num_layers}")
+        return 0
+    finally:
+        if dist:
+            dist.destroy_process_group()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrorParser(prog="hyperclone", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,7 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="grow a small checkpoint into a larger one")
     p.add_argument("src", help="HF model directory or small.pt")
     p.add_argument("--out", required=True, help="output directory (created atomically)")
-    p.add_argument("--format", choices=["hf"], default="hf", help="output format")
+    p.add_argument("--format", choices=["hf", "legacy"], default="hf",
+                   help="hf: Hugging Face safetensors; legacy: megatron iter_*/mp_rank_*/model_optim_rng.pt")
+    p.add_argument("--tp", type=int, default=1, help="megatron formats: tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="megatron formats: pipeline-parallel size")
+    p.add_argument("--vpp", type=int, default=None, help="megatron formats: virtual stages per pipeline rank")
+    p.add_argument("--spec", choices=["local", "te"], default="local",
+                   help="megatron formats: parameter names of the local or the TransformerEngine layer spec")
+    p.add_argument("--vocab-divisible-by", type=int, default=128,
+                   help="megatron formats: pad the vocab to a multiple of this x tp (Megatron-LM's default)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--shard-size", type=float, default=2.0, metavar="GiB", help="max safetensors shard size")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
@@ -88,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "convert" and args.format != "hf":
+            return _convert_megatron(args)
         if args.command == "convert":
             from hyperclone_dist.convert import convert
 
