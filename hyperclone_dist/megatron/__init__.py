@@ -1,0 +1,1 @@
+"""megatron-core runtime: CPU shims, distributed/model-parallel init and GPTModel construction."""

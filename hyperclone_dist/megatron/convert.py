@@ -1,0 +1,152 @@
+"""Shard-direct conversion: each model-parallel rank's state dict, grown straight from the small tensors.
+
+``rank_state_dicts`` is the in-process entry point (the trainer's ``--clone-from`` calls it for its own
+rank; no files in between). ``convert_to_megatron`` writes whole checkpoints, one rank at a time in a
+single process, or — under torchrun — each process writing only the ranks assigned to it.
+
+    hyperclone convert small/ --out ckpt --format legacy --tp 2 --pp 2 --width-factor 2 --method noisy
+    torchrun --nproc_per_node 4 -m hyperclone_dist.cli.main convert small/ --out ckpt --format legacy --tp 2 --pp 2 ...
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from hyperclone_dist.checkpoint.atomic import check_output_dir
+from hyperclone_dist.checkpoint.reader import SourceCheckpoint
+from hyperclone_dist.config import ModelConfig
+from hyperclone_dist.errors import HypercloneError
+from hyperclone_dist.growth.grow import Grower
+from hyperclone_dist.growth.spec import GrowthSpec
+from hyperclone_dist.megatron import legacy
+from hyperclone_dist.megatron.mapping import Layout, check_layout, chunk_params, local_tensor
+
+MEGATRON_FORMATS = ("legacy",)
+
+
+def check_representable(cfg: ModelConfig) -> None:
+    """Refuse what megatron-core's GPTModel cannot compute exactly, saying why."""
+    if cfg.parallel_residual:
+        raise HypercloneError(f"{cfg.family}: parallel residual blocks (attention and MLP reading the same "
+                              "input) are not a megatron-core GPTModel layer; convert with --format hf instead")
+    if not cfg.pre_norm:
+        raise HypercloneError(f"{cfg.family}: post-LN blocks are not a megatron-core GPTModel layer; "
+                              "convert with --format hf instead")
+    if cfg.position_offset:
+        raise HypercloneError(f"{cfg.family}: learned positions with a {cfg.position_offset}-row offset (OPT) "
+                              "have no megatron-core GPTModel equivalent; convert with --format hf instead")
+
+
+def rank_state_dicts(grower: Grower, layout: Layout, tp_rank: int, pp_rank: int,
+                     dtype: torch.dtype = torch.float32) -> list[dict[str, torch.Tensor]]:
+    """Local state dicts (one per model chunk) of rank (tp_rank, pp_rank), in megatron's layout."""
+    cfg = grower.large
+    check_representable(cfg)
+    check_layout(cfg, layout)
+    chunks = []
+    for chunk in range(layout.chunks):
+        state = {}
+        for name, row, layer in chunk_params(cfg, layout, pp_rank, chunk):
+            state[name] = local_tensor(cfg, layout, row, layer, tp_rank, grower.slice).to(dtype).contiguous()
+        chunks.append(state)
+    return chunks
+
+
+@dataclass
+class MegatronConvertResult:
+    out: Path
+    large: ModelConfig
+    ranks_written: int
+    bytes_written: int
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+@torch.inference_mode()
+def convert_to_megatron(src: str | Path, out: str | Path, spec: GrowthSpec, layout: Layout, *, fmt: str = "legacy",
+                        dtype: torch.dtype = torch.float32, overwrite: bool = False,
+                        progress: bool = True) -> MegatronConvertResult:
+    """Grow ``src`` into a megatron checkpoint at ``out`` with ``layout``. Under an initialised
+    torch.distributed group, process k writes the ranks r with r % world == k."""
+    if fmt not in MEGATRON_FORMATS:
+        raise HypercloneError(f"unknown megatron format {fmt!r} (choose from {', '.join(MEGATRON_FORMATS)})")
+    src, out = Path(src), Path(out)
+    source = SourceCheckpoint(src)
+    grower = Grower(source.config, spec, source.get)
+    check_representable(grower.large)
+    check_layout(grower.large, layout)
+    dist = _dist()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
+    tmp = _shared_tmp_dir(out, overwrite, src, dist, rank)
+    args = legacy.megatron_args(grower.large, layout, dtype)
+    ranks = [(t, p) for p in range(layout.pp) for t in range(layout.tp)]
+    mine = [r for k, r in enumerate(ranks) if k % world == rank]
+    written = 0
+    failure = None
+    try:
+        for tp_rank, pp_rank in tqdm(mine, desc=f"converting (process {rank})", unit="rank", disable=not progress):
+            chunks = rank_state_dicts(grower, layout, tp_rank, pp_rank, dtype)
+            target = legacy.rank_dir(tmp, 0, layout, tp_rank, pp_rank)
+            target.mkdir(parents=True, exist_ok=True)
+            torch.save(legacy.rank_payload(chunks, args, 0), target / "model_optim_rng.pt")
+            written += sum(t.numel() * t.element_size() for sd in chunks for t in sd.values())
+    except (HypercloneError, OSError) as exc:
+        failure = exc
+    _finish(out, tmp, overwrite, dist, rank, failure)
+    return MegatronConvertResult(out, grower.large, len(mine), written)
+
+
+def _shared_tmp_dir(out: Path, overwrite: bool, src: Path, dist, rank: int) -> Path:
+    """One temporary directory beside ``out`` that every process agrees on (rank 0 names it)."""
+    names = [None]
+    if rank == 0:
+        try:
+            check_output_dir(out, overwrite, src)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+            tmp.mkdir()
+            names = [str(tmp)]
+        except (HypercloneError, OSError) as exc:
+            names = [f"error:{exc}"]
+    if dist:
+        dist.broadcast_object_list(names, src=0)
+    if names[0].startswith("error:"):
+        raise HypercloneError(names[0].removeprefix("error:"))
+    return Path(names[0])
+
+
+def _finish(out: Path, tmp: Path, overwrite: bool, dist, rank: int, failure: BaseException | None) -> None:
+    """All processes agree on success; then rank 0 writes the tracker file last and renames."""
+    import shutil
+
+    failed = torch.tensor([1 if failure else 0])
+    if dist:
+        dist.all_reduce(failed)
+    if failed.item():
+        if dist:
+            dist.barrier()
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if failure is not None:
+            raise HypercloneError(str(failure)) if not isinstance(failure, HypercloneError) else failure
+        raise HypercloneError("another conversion process failed; nothing was kept")
+    if rank == 0:
+        (tmp / legacy.TRACKER).write_text("0\n")  # the completion marker, written last
+        if out.exists():
+            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    if dist:
+        dist.barrier()

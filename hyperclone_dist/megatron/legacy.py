@@ -1,0 +1,71 @@
+"""Megatron-LM's legacy checkpoint layout, fixed to one TP x PP layout:
+
+    DIR/latest_checkpointed_iteration.txt
+    DIR/iter_0000000/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt   # {"model": ..., "args": ..., ...}
+
+With virtual pipeline stages the model chunks are stored as "model0", "model1", ...
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from hyperclone_dist.config import ModelConfig
+from hyperclone_dist.megatron.mapping import Layout, padded_vocab_size
+
+CHECKPOINT_VERSION = 3.0
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def iteration_dir(root: Path, iteration: int) -> Path:
+    return root / f"iter_{iteration:07d}"
+
+
+def rank_dir(root: Path, iteration: int, layout: Layout, tp_rank: int, pp_rank: int) -> Path:
+    name = f"mp_rank_{tp_rank:02d}" if layout.pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return iteration_dir(root, iteration) / name
+
+
+def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, iteration: int = 0) -> argparse.Namespace:
+    """The subset of Megatron-LM's arguments its loaders read back from a checkpoint, plus our own
+    ModelConfig under ``hyperclone_config`` so the checkpoint can be exported without guessing."""
+    return argparse.Namespace(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_heads, kv_channels=cfg.head_dim,
+        group_query_attention=cfg.num_kv_heads != cfg.num_heads, num_query_groups=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings, seq_length=cfg.max_position_embeddings,
+        padded_vocab_size=padded_vocab_size(cfg.vocab_size, layout.tp, layout.vocab_divisible_by),
+        vocab_size=cfg.vocab_size, make_vocab_size_divisible_by=layout.vocab_divisible_by,
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        normalization="RMSNorm" if cfg.norm == "rmsnorm" else "LayerNorm", norm_epsilon=cfg.norm_eps,
+        swiglu=cfg.gated_mlp and cfg.activation == "silu",
+        position_embedding_type="rope" if cfg.position_embedding == "rope" else "learned_absolute",
+        rotary_percent=cfg.rotary_percent, rotary_base=cfg.rotary_base,
+        untie_embeddings_and_output_weights=not cfg.tie_word_embeddings,
+        add_bias_linear=cfg.attn_out_bias or cfg.mlp_bias, add_qkv_bias=cfg.qkv_bias,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        iteration=iteration, consumed_train_samples=0, consumed_valid_samples=0,
+        ckpt_format="torch", transformer_impl="local" if layout.spec == "local" else "transformer_engine",
+        hyperclone_config=cfg.to_dict(),
+    )
+
+
+def rank_payload(models: list[dict[str, torch.Tensor]], args: argparse.Namespace, iteration: int) -> dict:
+    payload = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}
+    if len(models) == 1:
+        payload["model"] = models[0]
+    else:
+        payload.update({f"model{k}": sd for k, sd in enumerate(models)})
+    return payload
+
+
+def load_rank(path: Path) -> dict:
+    """Read one rank's file without executing code: ``argparse.Namespace`` is the only class allowed."""
+    from hyperclone_dist.checkpoint.reader import torch_load
+
+    with torch.serialization.safe_globals([argparse.Namespace, torch.float32.__class__]):
+        return torch_load(path)

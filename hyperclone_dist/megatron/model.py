@@ -1,0 +1,306 @@
+"""Our ModelConfig as a megatron-core GPTModel (local layer spec), and a forward pass that works for every
+tensor/pipeline layout.
+
+    init_model_parallel(tp=2, pp=2)                  # hyperclone_dist.megatron.parallel
+    chunks = build_gpt_model(cfg)                    # one GPTModel per virtual pipeline stage
+    logits = forward_logits(chunks, tokens)          # [batch, seq, vocab_padded] on the last stage, else None
+
+Mapping decisions that are not one-to-one:
+- Biases: megatron has one switch for all four linears (``add_bias_linear``) plus ``add_qkv_bias`` for the
+  QKV projection alone. So "no biases", "QKV biases only" (Qwen2) and "all biases" (GPT-2, OPT, NeoX) are
+  exact; any other mix is refused rather than padded with zero biases that would train.
+- Learned positions with an offset (OPT reads row p + 2 for position p; the rows before serve only padding):
+  megatron's table is HF rows [offset, offset + max_position_embeddings) (``hf_position_rows``), so
+  position p reads row p with megatron's usual position ids 0..s-1. Exact for every real token, and
+  Megatron-LM's own training loop needs no shifted ids.
+- gelu_new (GPT-2) is HF's own tanh formula, not ``F.gelu(approximate="tanh")``, which is the same
+  function but rounds differently; every activation below is bit-identical to its HF namesake.
+- Sliding-window attention (Mistral ``sliding_window=W``: attend to the last W positions, self included)
+  is megatron's ``window_size=(W - 1, 0)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hyperclone_dist.config import ModelConfig
+from hyperclone_dist.errors import HypercloneError
+from hyperclone_dist.megatron.cpu_shims import apply_cpu_shims
+
+DEFAULT_VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's --make-vocab-size-divisible-by default
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """HF NewGELUActivation (GPT-2 ``gelu_new``), same expression so the same rounding."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """HF GELUTanh (``gelu_pytorch_tanh``)."""
+    return F.gelu(x, approximate="tanh")
+
+
+def gelu_fast(x: torch.Tensor) -> torch.Tensor:
+    """HF FastGELUActivation."""
+    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """HF QuickGELUActivation."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {  # HF activation name -> megatron activation_func
+    "gelu": F.gelu,
+    "gelu_new": gelu_new,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_fast": gelu_fast,
+    "quick_gelu": quick_gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+# HF config keys (carried in ModelConfig.hf_extra) whose other values change the math of a GPTModel layer.
+_HF_EXTRA_EXPECTED = {
+    "scale_attn_weights": True,  # GPT-2: False drops the 1/sqrt(head_dim) attention scale
+    "scale_attn_by_inverse_layer_idx": False,  # GPT-2: an extra 1/(layer+1) attention scale
+    "layer_norm_elementwise_affine": True,  # OPT: norms without gain/bias
+    "_remove_final_layer_norm": False,  # OPT: no final norm
+}
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY) -> int:
+    """Megatron-LM's padded vocabulary: the next multiple of divisible_by × tp. The padding depends on tp,
+    so pass one explicit size to build_gpt_model when the same weights must load at several tp."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def hf_position_rows(cfg: ModelConfig) -> slice:
+    """The rows of an HF learned position table that megatron's table holds, in order: position p of both
+    models reads the same vector. Megatron's table has max_position_embeddings rows."""
+    return slice(cfg.position_offset, cfg.position_offset + cfg.max_position_embeddings)
+
+
+def _refuse_unrepresentable(cfg: ModelConfig) -> None:
+    def refuse(why: str):
+        raise HypercloneError(f"{cfg.family} config cannot be a megatron-core GPTModel exactly: {why}")
+
+    if cfg.parallel_residual:
+        refuse("parallel residual (attention and MLP read the same input) is not a GPTModel layer")
+    if not cfg.pre_norm:
+        refuse("post-LN blocks (norm after the residual add) are not a GPTModel layer")
+    if not cfg.final_norm:
+        refuse("GPTModel always applies a final norm before the head")
+    if cfg.norm == "layernorm" and not cfg.norm_bias:
+        refuse("megatron's LayerNorm always has a bias")
+    if cfg.activation not in ACTIVATIONS:
+        refuse(f"activation {cfg.activation!r} has no megatron equivalent here ({', '.join(ACTIVATIONS)})")
+    if cfg.position_offset and cfg.position_embedding != "learned":
+        refuse(f"position_offset={cfg.position_offset} only makes sense for learned positions")
+    for key, expected in _HF_EXTRA_EXPECTED.items():
+        if key in cfg.hf_extra and cfg.hf_extra[key] != expected:
+            refuse(f"HF {key}={cfg.hf_extra[key]!r} (only {expected!r} is expressible)")
+    proj = cfg.hf_extra.get("word_embed_proj_dim")
+    if proj is not None and proj != cfg.hidden_size:
+        refuse(f"word_embed_proj_dim={proj} != hidden_size={cfg.hidden_size} (OPT project_in/project_out)")
+    rope_type = (cfg.hf_extra.get("rope_parameters") or {}).get("rope_type", "default")
+    if cfg.hf_extra.get("rope_scaling") or rope_type not in ("default", None):
+        refuse(f"RoPE scaling ({cfg.hf_extra.get('rope_scaling') or rope_type}) is not megatron's plain RoPE")
+
+
+def _bias_flags(cfg: ModelConfig) -> tuple[bool, bool]:
+    """(add_bias_linear, add_qkv_bias) reproducing cfg's biases exactly."""
+    if cfg.qkv_bias and cfg.attn_out_bias and cfg.mlp_bias:
+        return True, False
+    if not cfg.attn_out_bias and not cfg.mlp_bias:
+        return False, cfg.qkv_bias
+    raise HypercloneError(
+        f"{cfg.family} config cannot be a megatron-core GPTModel exactly: biases qkv={cfg.qkv_bias} "
+        f"attn_out={cfg.attn_out_bias} mlp={cfg.mlp_bias}; megatron biases all linears, none, or QKV only")
+
+
+def _sliding_window(cfg: ModelConfig) -> tuple[int, int] | None:
+    window = cfg.hf_extra.get("sliding_window")
+    if window is None or cfg.hf_extra.get("use_sliding_window") is False:
+        return None
+    layer_types = cfg.hf_extra.get("layer_types") or ()
+    if any(kind != "sliding_attention" for kind in layer_types):
+        raise HypercloneError(f"{cfg.family} config cannot be a megatron-core GPTModel exactly: "
+                              "sliding-window attention on only some layers")
+    return (int(window) - 1, 0)
+
+
+def _check_divisible(cfg: ModelConfig, tp: int, pp: int, vpp: int | None) -> None:
+    chunks = pp * (vpp or 1)
+    if cfg.num_layers % chunks:
+        raise HypercloneError(
+            f"num_layers={cfg.num_layers} does not split evenly into pp*vpp = {chunks} chunks")
+    for name in ("num_heads", "ffn_hidden_size"):
+        if getattr(cfg, name) % tp:
+            raise HypercloneError(f"{name}={getattr(cfg, name)} is not divisible by tp={tp}")
+    groups = cfg.num_kv_heads
+    if groups % tp and tp % groups:
+        raise HypercloneError(f"num_kv_heads={groups} must be a multiple or a divisor of tp={tp}")
+
+
+def _p2p_backend_is_gloo() -> bool:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_backend() == "gloo"
+    return not torch.cuda.is_available()
+
+
+def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, vpp: int | None = None,
+                       dtype: torch.dtype = torch.float32, **overrides: Any):
+    """A megatron TransformerConfig describing cfg's layers at this layout; overrides win (e.g.
+    perform_initialization=False for converters that load every weight anyway)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    _refuse_unrepresentable(cfg)
+    vpp = None if vpp == 1 else vpp
+    _check_divisible(cfg, tp, pp, vpp)
+    add_bias_linear, add_qkv_bias = _bias_flags(cfg)
+    values: dict[str, Any] = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_heads,
+        num_query_groups=cfg.num_kv_heads,
+        kv_channels=cfg.head_dim,  # softmax scale is 1/sqrt(kv_channels), as in HF
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        normalization="RMSNorm" if cfg.norm == "rmsnorm" else "LayerNorm",
+        layernorm_epsilon=cfg.norm_eps,
+        activation_func=ACTIVATIONS[cfg.activation],
+        gated_linear_unit=cfg.gated_mlp,
+        add_bias_linear=add_bias_linear,
+        add_qkv_bias=add_qkv_bias,
+        rotary_interleaved=False,  # rotate-half, the HF convention
+        window_size=_sliding_window(cfg),
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_std,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        # gloo pairs interleaved-schedule sends to the same peer wrongly when they are batched
+        batch_p2p_comm=not (vpp is not None and _p2p_backend_is_gloo()),
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        # fused kernels are CUDA-only or approximate; plain torch ops keep the math identical to HF
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+    values.update(overrides)
+    return TransformerConfig(**values)
+
+
+def build_gpt_model(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32,
+                    perform_initialization: bool = True, padded_vocab: int | None = None,
+                    vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY, **overrides: Any) -> list:
+    """This rank's GPTModel chunks (one per virtual pipeline stage, a single one without vpp) for the layout
+    set by init_model_parallel. padded_vocab defaults to padded_vocab_size(cfg.vocab_size, tp)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    apply_cpu_shims()
+    if not parallel_state.model_parallel_is_initialized():
+        raise HypercloneError("build_gpt_model needs init_model_parallel(tp, pp, vpp) first")
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    if padded_vocab is None:
+        padded_vocab = padded_vocab_size(cfg.vocab_size, tp, vocab_divisible_by)
+    if padded_vocab < cfg.vocab_size or padded_vocab % tp:
+        raise HypercloneError(f"padded_vocab={padded_vocab} must be >= vocab_size={cfg.vocab_size} "
+                              f"and divisible by tp={tp}")
+    config = transformer_config(cfg, tp, pp, vpp, dtype, perform_initialization=perform_initialization,
+                                **overrides)
+    spec = get_gpt_layer_local_spec(normalization=config.normalization)
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = None if vpp is None else vp_stage
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab,
+            max_sequence_length=cfg.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+            position_embedding_type="rope" if cfg.position_embedding == "rope" else "learned_absolute",
+            rotary_percent=cfg.rotary_percent,
+            rotary_base=cfg.rotary_base,
+            vp_stage=stage,
+        )
+        chunks.append(chunk)
+    return chunks
+
+
+def causal_attention_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Megatron's mask convention: [1, 1, s, s] booleans, True where a query may NOT attend."""
+    allowed = torch.tril(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device))
+    return (~allowed).view(1, 1, seq_len, seq_len)
+
+
+def forward_logits(models: list, tokens: torch.Tensor, micro_batch_size: int = 1) -> torch.Tensor | None:
+    """Forward-only pass of tokens [batch, seq] through megatron's pipeline schedule (PP=1, PP>1 and
+    interleaved alike). Returns float logits [batch, seq, vocab_padded], gathered over tensor parallel,
+    on the last pipeline stage, and None on the other stages. Every rank passes the same tokens."""
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    batch, seq = tokens.shape
+    if batch % micro_batch_size:
+        raise HypercloneError(f"batch {batch} is not a multiple of micro_batch_size {micro_batch_size}")
+    num_micro = batch // micro_batch_size
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if len(models) > 1 and num_micro < pp:
+        raise HypercloneError(
+            f"the interleaved schedule needs at least pp={pp} micro-batches, got {num_micro}")
+    device = next(models[0].parameters()).device
+    tokens = tokens.to(device=device, dtype=torch.long)
+    positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)
+    mask = causal_attention_mask(seq, device)
+    micro_batches = [(tokens[i:i + micro_batch_size], positions[i:i + micro_batch_size])
+                     for i in range(0, batch, micro_batch_size)]
+
+    def gather_logits(output: torch.Tensor, non_loss_data: bool = False) -> torch.Tensor:
+        return tensor_parallel.gather_from_tensor_model_parallel_region(output).float()
+
+    def forward_step(data_iterator, model):
+        micro_tokens, micro_positions = next(data_iterator)
+        return model(micro_tokens, micro_positions, mask), gather_logits
+
+    was_training = [chunk.training for chunk in models]
+    for chunk in models:
+        chunk.eval()
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=[iter(micro_batches) for _ in models],
+            model=models,
+            num_microbatches=num_micro,
+            seq_length=seq,
+            micro_batch_size=micro_batch_size,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
+    for chunk, training in zip(models, was_training):
+        chunk.train(training)
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return torch.cat(outputs, dim=0)

@@ -1,0 +1,88 @@
+"""Process-group and model-parallel setup for megatron-core, the same on a GPU cluster and a CPU box.
+
+Launch with torchrun, which sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT:
+
+    torchrun --standalone --nproc_per_node 4 script.py     # script calls init_model_parallel(tp=2, pp=2)
+
+Without those variables (a plain ``python script.py``) the job is a single rank.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from hyperclone_dist.errors import HypercloneError
+from hyperclone_dist.megatron.cpu_shims import apply_cpu_shims
+
+DEFAULT_SEED = 1234
+
+
+def init_distributed(timeout_minutes: int = 30) -> None:
+    """Initialise the default process group from torchrun's environment: nccl with one GPU per local
+    rank when CUDA is available, gloo otherwise. A no-op when a process group already exists."""
+    apply_cpu_shims()
+    if dist.is_initialized():
+        return
+    timeout = timedelta(minutes=timeout_minutes)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if "WORLD_SIZE" not in os.environ:  # not under a launcher: one rank, no rendezvous port needed
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        return
+    dist.init_process_group(backend, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                            timeout=timeout)
+
+
+def check_layout(world_size: int, tp: int, pp: int, vpp: int | None = None) -> None:
+    """Raise HypercloneError unless tp × pp (× vpp) is a layout megatron can build on world_size ranks."""
+    for name, value in (("tp", tp), ("pp", pp)):
+        if not isinstance(value, int) or value < 1:
+            raise HypercloneError(f"{name}={value!r} must be a positive integer")
+    if world_size % (tp * pp):
+        raise HypercloneError(
+            f"world size {world_size} is not divisible by tp*pp = {tp}*{pp} = {tp * pp}")
+    if vpp is not None:
+        if not isinstance(vpp, int) or vpp < 1:
+            raise HypercloneError(f"vpp={vpp!r} must be a positive integer or None")
+        if pp == 1:
+            raise HypercloneError(f"vpp={vpp} needs pipeline parallelism (pp > 1), got pp=1")
+
+
+def init_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = DEFAULT_SEED) -> None:
+    """Create megatron's tensor/pipeline/data-parallel groups (data parallel = world / (tp*pp)) and seed
+    its RNGs. Calling it again with another layout tears the previous groups down first.
+
+    Seeding follows Megatron-LM: stage p uses seed + 100·p, so pipeline stages do not draw identical
+    initial weights, and megatron's model-parallel RNG tracker derives per-TP-rank states from it."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    init_distributed()
+    vpp = None if vpp == 1 else vpp
+    check_layout(dist.get_world_size(), tp, pp, vpp)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+    )
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    torch.manual_seed(stage_seed)  # CPU initialisation (use_cpu_initialization) draws from this generator
+    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron's groups and the default process group (end of a job)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,73 @@
+"""Each rank's megatron tensor, built from canonical slices, reassembles into the grown model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hyperclone_dist.checkpoint.reader import SourceCheckpoint
+from hyperclone_dist.errors import HypercloneError
+from hyperclone_dist.growth.grow import Grower
+from hyperclone_dist.growth.spec import GrowthSpec
+from hyperclone_dist.megatron.convert import check_representable, rank_state_dicts
+from hyperclone_dist.megatron.mapping import (TP_AXIS, Layout, check_layout, chunk_layers, chunk_params,
+                                              local_shape, padded_vocab_size, split_local)
+
+
+def test_interleaved_layer_assignment():
+    layout = Layout(pp=2, vpp=2)
+    owners = {(p, c): chunk_layers(8, layout, p, c) for p in range(2) for c in range(2)}
+    assert owners == {(0, 0): [0, 1], (1, 0): [2, 3], (0, 1): [4, 5], (1, 1): [6, 7]}
+    assert chunk_layers(8, Layout(pp=4), 3, 0) == [6, 7]
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("case", ["llama-gqa2", "gpt2-tied", "qwen2-tied"])
+def test_rank_tensors_reassemble_to_grown_model(tiny_model_dirs, case, tp):
+    source = SourceCheckpoint(tiny_model_dirs[case])
+    grower = Grower(source.config, GrowthSpec(2, method="noisy", seed=1), source.get)
+    cfg, layout = grower.large, Layout(tp=tp, pp=2)
+    gathered: dict[str, list[list[torch.Tensor]]] = {}
+    for pp_rank in range(layout.pp):
+        for tp_rank in range(tp):
+            (state,) = rank_state_dicts(grower, layout, tp_rank, pp_rank)
+            for name, row, layer in chunk_params(cfg, layout, pp_rank, 0):
+                tensor = state[name]
+                assert tuple(tensor.shape) == local_shape(cfg, layout, row, layer), name
+                pieces = split_local(cfg, layout, row, tensor)
+                for part, piece in zip(row.parts, pieces):
+                    key = part.format(i=layer)
+                    gathered.setdefault(key, [[] for _ in range(tp)])[tp_rank].append((row.split, piece))
+    for key, per_rank in gathered.items():
+        split = per_rank[0][0][0]
+        pieces = [entries[0][1] for entries in per_rank]
+        axis = TP_AXIS[split]
+        whole = pieces[0] if axis is None else torch.cat(pieces, dim=axis)
+        expected = grower.full(key)
+        if split == "vocab":
+            assert whole.shape[0] == padded_vocab_size(cfg.vocab_size, tp)
+            assert torch.count_nonzero(whole[cfg.vocab_size:]) == 0  # padding rows
+            whole = whole[: cfg.vocab_size]
+        assert torch.equal(whole, expected), key
+        if axis is None:
+            assert all(torch.equal(p, pieces[0]) for p in pieces)  # replicated on every rank
+    assert set(gathered) == set(grower.names())
+
+
+def test_divisibility_errors_name_the_numbers(tiny_model_dirs):
+    source = SourceCheckpoint(tiny_model_dirs["llama-gqa2"])
+    large = Grower(source.config, GrowthSpec(2), source.get).large  # 8 heads, 4 groups, 2 layers
+    with pytest.raises(HypercloneError, match=r"query groups / kv heads \(4\) are not divisible by tp=8"):
+        check_layout(large.replace(num_heads=16), Layout(tp=8))
+    with pytest.raises(HypercloneError, match=r"layers \(2\) are not divisible by pp x vpp = 2 x 2 = 4"):
+        check_layout(large, Layout(pp=2, vpp=2))
+    with pytest.raises(HypercloneError, match=r"attention heads \(8\) are not divisible by tp=3"):
+        check_layout(large, Layout(tp=3))
+
+
+@pytest.mark.parametrize("case,why", [("gpt_neox", "parallel residual"), ("opt", "offset"),
+                                      ("opt-postln", "post-LN")])
+def test_unrepresentable_families_are_refused(tiny_model_dirs, case, why):
+    source = SourceCheckpoint(tiny_model_dirs[case])
+    with pytest.raises(HypercloneError, match=why):
+        check_representable(source.config)
