@@ -22,7 +22,7 @@ def test_interleaved_layer_assignment():
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
-@pytest.mark.parametrize("case", ["llama-gqa2", "gpt2-tied", "qwen2-tied"])
+@pytest.mark.parametrize("case", ["llama-gqa2", "gpt2-tied", "qwen2-tied", "opt"])
 def test_rank_tensors_reassemble_to_grown_model(tiny_model_dirs, case, tp):
     source = SourceCheckpoint(tiny_model_dirs[case])
     grower = Grower(source.config, GrowthSpec(2, method="noisy", seed=1), source.get)
@@ -44,6 +44,10 @@ def test_rank_tensors_reassemble_to_grown_model(tiny_model_dirs, case, tp):
         axis = TP_AXIS[split]
         whole = pieces[0] if axis is None else torch.cat(pieces, dim=axis)
         expected = grower.full(key)
+        if split == "positions":
+            offset = cfg.position_offset
+            assert torch.equal(whole, expected[offset:offset + cfg.max_position_embeddings]), key
+            continue
         if split == "vocab":
             assert whole.shape[0] == padded_vocab_size(cfg.vocab_size, tp)
             assert torch.count_nonzero(whole[cfg.vocab_size:]) == 0  # padding rows
@@ -65,9 +69,12 @@ def test_divisibility_errors_name_the_numbers(tiny_model_dirs):
         check_layout(large, Layout(tp=3))
 
 
-@pytest.mark.parametrize("case,why", [("gpt_neox", "parallel residual"), ("opt", "offset"),
-                                      ("opt-postln", "post-LN")])
-def test_unrepresentable_families_are_refused(tiny_model_dirs, case, why):
-    source = SourceCheckpoint(tiny_model_dirs[case])
+@pytest.mark.parametrize("case,changes,why", [
+    ("gpt_neox", {}, "parallel residual"),
+    ("opt-postln", {}, "post-LN"),
+    ("llama-mqa-tied-bias", {"mlp_bias": False}, "biases all linears, none, or QKV only"),
+])
+def test_unrepresentable_families_are_refused(tiny_model_dirs, case, changes, why):
+    cfg = SourceCheckpoint(tiny_model_dirs[case]).config.replace(**changes)
     with pytest.raises(HypercloneError, match=why):
-        check_representable(source.config)
+        check_representable(cfg)

@@ -81,6 +81,26 @@ def _convert_megatron(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
+def _verify_megatron(args: argparse.Namespace) -> int:
+    """Under torchrun with tp x pp processes: load into GPTModel at that layout, compare logits."""
+    from hyperclone_dist.megatron.mapping import Layout
+    from hyperclone_dist.megatron.parallel import destroy_parallel
+    from hyperclone_dist.megatron.verify import verify_megatron
+
+    try:
+        diff = verify_megatron(args.small, args.grown, Layout(tp=args.tp, pp=args.pp, vpp=args.vpp),
+                               args.seq_len, args.batch, args.seed)
+        import torch.distributed as dist
+
+        if dist.get_rank() == 0:
+            print(f"max abs logit diff {diff.max_abs:.3e}  max rel {diff.max_rel:.3e}  (tol {args.tol:g}, "
+                  f"GPTModel tp={args.tp} pp={args.pp}{f' vpp={args.vpp}' if args.vpp else ''}, "
+                  f"batch {diff.batch} x {diff.seq_len} tokens, float32)  {'OK' if diff.ok(args.tol) else 'FAIL'}")
+        return 0 if diff.ok(args.tol) else 1
+    finally:
+        destroy_parallel()
+
+
 def _cuda() -> bool:
     import torch
 
@@ -116,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: full context)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seed", type=int, default=1234, help="seed of the token ids")
+    p.add_argument("--tp", type=int, default=1, help="megatron checkpoints: tensor-parallel size to load at")
+    p.add_argument("--pp", type=int, default=1, help="megatron checkpoints: pipeline-parallel size to load at")
+    p.add_argument("--vpp", type=int, default=None, help="megatron checkpoints: virtual pipeline stages")
 
     p = sub.add_parser("inspect", help="family, shapes, parameter count, dtype")
     p.add_argument("path")
@@ -143,8 +166,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"ffn {s.ffn_hidden_size}->{g.ffn_hidden_size}, layers {s.num_layers}->{g.num_layers}")
             return 0
         if args.command == "verify":
+            from hyperclone_dist.megatron.load import is_megatron_checkpoint
             from hyperclone_dist.verify import compare_checkpoints
 
+            if is_megatron_checkpoint(args.grown):
+                return _verify_megatron(args)
             diff = compare_checkpoints(args.small, args.grown, args.seq_len, args.batch, args.seed)
             verdict = "OK" if diff.ok(args.tol) else "FAIL"
             print(f"max abs logit diff {diff.max_abs:.3e}  max rel {diff.max_rel:.3e}  (tol {args.tol:g}, "

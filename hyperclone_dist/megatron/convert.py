@@ -25,21 +25,9 @@ from hyperclone_dist.growth.grow import Grower
 from hyperclone_dist.growth.spec import GrowthSpec
 from hyperclone_dist.megatron import legacy
 from hyperclone_dist.megatron.mapping import Layout, check_layout, chunk_params, local_tensor
+from hyperclone_dist.megatron.model import check_representable
 
 MEGATRON_FORMATS = ("legacy",)
-
-
-def check_representable(cfg: ModelConfig) -> None:
-    """Refuse what megatron-core's GPTModel cannot compute exactly, saying why."""
-    if cfg.parallel_residual:
-        raise HypercloneError(f"{cfg.family}: parallel residual blocks (attention and MLP reading the same "
-                              "input) are not a megatron-core GPTModel layer; convert with --format hf instead")
-    if not cfg.pre_norm:
-        raise HypercloneError(f"{cfg.family}: post-LN blocks are not a megatron-core GPTModel layer; "
-                              "convert with --format hf instead")
-    if cfg.position_offset:
-        raise HypercloneError(f"{cfg.family}: learned positions with a {cfg.position_offset}-row offset (OPT) "
-                              "have no megatron-core GPTModel equivalent; convert with --format hf instead")
 
 
 def rank_state_dicts(grower: Grower, layout: Layout, tp_rank: int, pp_rank: int,

@@ -20,7 +20,8 @@ from hyperclone_dist.params import canonical_shapes
 SliceFn = Callable[[str, Sequence[slice]], torch.Tensor]
 
 COLUMN, ROW, VOCAB, REPLICATED = "column", "row", "vocab", "replicated"
-TP_AXIS = {COLUMN: 0, ROW: 1, VOCAB: 0, REPLICATED: None}  # the local-tensor axis TP splits
+POSITIONS = "positions"  # replicated; megatron's table is rows [offset, offset + max_positions) of ours
+TP_AXIS = {COLUMN: 0, ROW: 1, VOCAB: 0, REPLICATED: None, POSITIONS: None}  # the local axis TP splits
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ _L = "decoder.layers.{i}."
 # First row whose parts all exist wins, so the gated fc1 row shadows the plain one for SwiGLU models.
 LOCAL_SPEC: tuple[MegatronParam, ...] = (
     MegatronParam("embedding.word_embeddings.weight", ("embed.weight",), VOCAB),
-    MegatronParam("embedding.position_embeddings.weight", ("pos_embed.weight",), REPLICATED),
+    MegatronParam("embedding.position_embeddings.weight", ("pos_embed.weight",), POSITIONS),
     MegatronParam(_L + "input_layernorm.weight", ("layers.{i}.attn_norm.weight",), REPLICATED),
     MegatronParam(_L + "input_layernorm.bias", ("layers.{i}.attn_norm.bias",), REPLICATED),
     MegatronParam(_L + "self_attention.linear_qkv.weight", (_Q + ".weight", _K + ".weight", _V + ".weight"),
@@ -165,6 +166,8 @@ def local_shape(cfg: ModelConfig, layout: Layout, row: MegatronParam, layer: int
     shape = [rows, *parts[0][1:]]
     if row.split == VOCAB:
         shape[0] = padded_vocab_size(cfg.vocab_size, layout.tp, layout.vocab_divisible_by)
+    if row.split == POSITIONS:
+        shape[0] = cfg.max_position_embeddings
     axis = TP_AXIS[row.split]
     if axis is not None:
         shape[axis] //= layout.tp
@@ -181,6 +184,9 @@ def local_tensor(cfg: ModelConfig, layout: Layout, row: MegatronParam, layer: in
     tp = layout.tp
     if row.split == REPLICATED:
         return slice_fn(parts[0], [slice(None)] * len(first))
+    if row.split == POSITIONS:  # OPT reads row p + offset for position p; megatron reads row p
+        offset = cfg.position_offset
+        return slice_fn(parts[0], [slice(offset, offset + cfg.max_position_embeddings), *rest])
     if row.split == ROW:
         cols = first[1] // tp
         return slice_fn(parts[0], [slice(None), slice(tp_rank * cols, (tp_rank + 1) * cols)])

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.megatron.cpu_shims import apply_cpu_shims
+from hyperclone_dist.megatron.mapping import padded_vocab_size
 
 DEFAULT_VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's --make-vocab-size-divisible-by default
 
@@ -74,20 +75,14 @@ _HF_EXTRA_EXPECTED = {
 }
 
 
-def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY) -> int:
-    """Megatron-LM's padded vocabulary: the next multiple of divisible_by × tp. The padding depends on tp,
-    so pass one explicit size to build_gpt_model when the same weights must load at several tp."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
-
-
 def hf_position_rows(cfg: ModelConfig) -> slice:
     """The rows of an HF learned position table that megatron's table holds, in order: position p of both
     models reads the same vector. Megatron's table has max_position_embeddings rows."""
     return slice(cfg.position_offset, cfg.position_offset + cfg.max_position_embeddings)
 
 
-def _refuse_unrepresentable(cfg: ModelConfig) -> None:
+def check_representable(cfg: ModelConfig) -> None:
+    """Raise HypercloneError, saying why, unless a GPTModel computes exactly what cfg describes."""
     def refuse(why: str):
         raise HypercloneError(f"{cfg.family} config cannot be a megatron-core GPTModel exactly: {why}")
 
@@ -112,6 +107,8 @@ def _refuse_unrepresentable(cfg: ModelConfig) -> None:
     rope_type = (cfg.hf_extra.get("rope_parameters") or {}).get("rope_type", "default")
     if cfg.hf_extra.get("rope_scaling") or rope_type not in ("default", None):
         refuse(f"RoPE scaling ({cfg.hf_extra.get('rope_scaling') or rope_type}) is not megatron's plain RoPE")
+    _bias_flags(cfg)
+    _sliding_window(cfg)
 
 
 def _bias_flags(cfg: ModelConfig) -> tuple[bool, bool]:
@@ -163,7 +160,7 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, vpp: int | No
     perform_initialization=False for converters that load every weight anyway)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    _refuse_unrepresentable(cfg)
+    check_representable(cfg)
     vpp = None if vpp == 1 else vpp
     _check_divisible(cfg, tp, pp, vpp)
     add_bias_linear, add_qkv_bias = _bias_flags(cfg)
