@@ -98,3 +98,34 @@ def test_unrepresentable_family_refused_in_one_line(tiny_model_dirs, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "parallel residual" in lines[0]
     assert not (tmp_path / "x").exists()
+
+
+TORCH_DIST_CASES = [  # (tiny model, growth flags, layouts to load at: (processes, flags))
+    ("llama-gqa2", ["--width-factor", "2", "--method", "noisy"],
+     [(1, []), (4, ["--tp", "4"]), (4, ["--tp", "2", "--pp", "2"])]),
+    ("gpt2-tied", ["--width-factor", "2", "--insert-layers", "every:1", "--method", "noisy-diagonal"],
+     [(4, ["--pp", "4"]), (4, ["--tp", "2", "--pp", "2", "--vpp", "2"])]),
+]
+
+
+@pytest.mark.parametrize("case,growth,loads", TORCH_DIST_CASES, ids=[c[0] for c in TORCH_DIST_CASES])
+def test_torch_dist_reshards_on_load(tiny_model_dirs, tmp_path, case, growth, loads):
+    """Written at TP2 x PP2 by four processes, loaded at other layouts by megatron's dist_checkpointing."""
+    src, out = tiny_model_dirs[case], tmp_path / "ckpt"
+    convert = torchrun(4, "convert", str(src), "--out", str(out), "--format", "torch_dist", "--tp", "2",
+                       "--pp", "2", "--no-progress", *growth)
+    assert convert.returncode == 0, convert.stderr[-3000:]
+    assert (out / "iter_0000000" / "metadata.json").is_file()
+    for nproc, layout in loads:
+        verify = torchrun(nproc, "verify", str(src), str(out), *layout)
+        line = _verify_line(verify)
+        assert verify.returncode == 0 and line.endswith("OK"), (layout, line)
+        assert float(line.split("max rel ")[1].split()[0]) <= 1e-5
+
+
+def test_torch_dist_needs_one_process_per_rank(tiny_model_dirs, tmp_path):
+    proc = single("convert", str(tiny_model_dirs["llama-gqa2"]), "--out", str(tmp_path / "x"), "--format",
+                  "torch_dist", "--tp", "2", "--pp", "2", "--width-factor", "2")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "torchrun --nproc_per_node 4" in lines[0], proc.stderr
+    assert not (tmp_path / "x").exists()

@@ -59,26 +59,24 @@ def _convert_megatron(args: argparse.Namespace) -> int:
     from hyperclone_dist.megatron.convert import convert_to_megatron
     from hyperclone_dist.megatron.mapping import Layout
 
-    dist = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch.distributed as dist
+    from hyperclone_dist.megatron.parallel import destroy_parallel, init_distributed
 
-        dist.init_process_group("nccl" if _cuda() else "gloo")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        init_distributed()
     try:
         layout = Layout(tp=args.tp, pp=args.pp, vpp=args.vpp, vocab_divisible_by=args.vocab_divisible_by,
                         spec=args.spec)
         result = convert_to_megatron(args.src, args.out, growth_spec(args), layout, fmt=args.format,
                                      dtype=DTYPES[args.dtype], overwrite=args.overwrite,
                                      progress=not args.no_progress)
-        if not dist or dist.get_rank() == 0:
+        if int(os.environ.get("RANK", "0")) == 0:
             g = result.large
             print(f"wrote {result.out}: {args.format} tp={args.tp} pp={args.pp}"
                   f"{f' vpp={args.vpp}' if args.vpp else ''}, {g.family} hidden {g.hidden_size}, "
                   f"ffn {g.ffn_hidden_size}, layers {g.num_layers}")
         return 0
     finally:
-        if dist:
-            dist.destroy_process_group()
+        destroy_parallel()
 
 
 def _verify_megatron(args: argparse.Namespace) -> int:
@@ -101,12 +99,6 @@ def _verify_megatron(args: argparse.Namespace) -> int:
         destroy_parallel()
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrorParser(prog="hyperclone", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="grow a small checkpoint into a larger one")
     p.add_argument("src", help="HF model directory or small.pt")
     p.add_argument("--out", required=True, help="output directory (created atomically)")
-    p.add_argument("--format", choices=["hf", "legacy"], default="hf",
-                   help="hf: Hugging Face safetensors; legacy: megatron iter_*/mp_rank_*/model_optim_rng.pt")
+    p.add_argument("--format", choices=["hf", "torch_dist", "legacy"], default="hf",
+                   help="hf: Hugging Face safetensors; torch_dist: megatron-core dist_checkpointing "
+                        "(reshardable); legacy: megatron iter_*/mp_rank_*/model_optim_rng.pt")
     p.add_argument("--tp", type=int, default=1, help="megatron formats: tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="megatron formats: pipeline-parallel size")
     p.add_argument("--vpp", type=int, default=None, help="megatron formats: virtual stages per pipeline rank")

@@ -27,7 +27,7 @@ from hyperclone_dist.megatron import legacy
 from hyperclone_dist.megatron.mapping import Layout, check_layout, chunk_params, local_tensor
 from hyperclone_dist.megatron.model import check_representable
 
-MEGATRON_FORMATS = ("legacy",)
+MEGATRON_FORMATS = ("legacy", "torch_dist")
 
 
 def rank_state_dicts(grower: Grower, layout: Layout, tp_rank: int, pp_rank: int,
@@ -72,6 +72,8 @@ def convert_to_megatron(src: str | Path, out: str | Path, spec: GrowthSpec, layo
     grower = Grower(source.config, spec, source.get)
     check_representable(grower.large)
     check_layout(grower.large, layout)
+    if fmt == "torch_dist":
+        return _convert_torch_dist(src, out, grower, layout, dtype, overwrite)
     dist = _dist()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
     tmp = _shared_tmp_dir(out, overwrite, src, dist, rank)
@@ -91,6 +93,32 @@ def convert_to_megatron(src: str | Path, out: str | Path, spec: GrowthSpec, layo
         failure = exc
     _finish(out, tmp, overwrite, dist, rank, failure)
     return MegatronConvertResult(out, grower.large, len(mine), written)
+
+
+def _convert_torch_dist(src: Path, out: Path, grower: Grower, layout: Layout, dtype: torch.dtype,
+                        overwrite: bool) -> MegatronConvertResult:
+    """One process per model-parallel rank (processes beyond tp x pp are data-parallel replicas that
+    megatron's replica ids keep from writing twice)."""
+    from hyperclone_dist.megatron import torch_dist
+    from hyperclone_dist.megatron.parallel import init_model_parallel
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % layout.world:
+        raise HypercloneError(
+            f"torch_dist at tp x pp = {layout.tp} x {layout.pp} is written by one process per model-parallel "
+            f"rank: run under torchrun --nproc_per_node {layout.world} (this job has {world}); "
+            "--format legacy converts in a single process")
+    init_model_parallel(layout.tp, layout.pp, layout.vpp)
+    dist = _dist()
+    rank = dist.get_rank()
+    tmp = _shared_tmp_dir(out, overwrite, src, dist, rank)
+    failure, written = None, 0
+    try:
+        written = torch_dist.save_grown(grower, layout, legacy.iteration_dir(tmp, 0), dtype)
+    except (HypercloneError, OSError) as exc:
+        failure = exc
+    _finish(out, tmp, overwrite, dist, rank, failure)
+    return MegatronConvertResult(out, grower.large, 1, written)
 
 
 def _shared_tmp_dir(out: Path, overwrite: bool, src: Path, dist, rank: int) -> Path:

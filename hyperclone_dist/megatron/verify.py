@@ -47,13 +47,21 @@ def verify_megatron(small: str | Path, ckpt_dir: str | Path, layout: Layout, seq
     from hyperclone_dist.megatron.model import forward_logits
     from hyperclone_dist.megatron.parallel import init_model_parallel
 
+    from hyperclone_dist.megatron import torch_dist
+    from hyperclone_dist.megatron.legacy import iteration_dir
+    from hyperclone_dist.megatron.load import read_iteration
+
     init_model_parallel(layout.tp, layout.pp, layout.vpp)
-    ckpt = LegacyCheckpoint(ckpt_dir)
-    cfg = ckpt.config
+    it_dir = iteration_dir(Path(ckpt_dir), read_iteration(Path(ckpt_dir)))
+    if (it_dir / "metadata.json").is_file():
+        chunks, cfg = torch_dist.load_into_gpt_model(it_dir, layout)
+    else:
+        ckpt = LegacyCheckpoint(ckpt_dir)
+        cfg = ckpt.config
+        chunks = load_into_gpt_model(ckpt, layout)
     seq_len = seq_len or cfg.max_position_embeddings
     if not 1 <= seq_len <= cfg.max_position_embeddings:
         raise HypercloneError(f"--seq-len {seq_len} is outside 1..{cfg.max_position_embeddings}")
-    chunks = load_into_gpt_model(ckpt, layout)
     tokens = fixed_batch(cfg.vocab_size, seq_len, batch, seed)
     micro = 1 if batch >= layout.pp else batch
     logits = forward_logits(chunks, tokens, micro_batch_size=micro)

@@ -1,0 +1,103 @@
+"""megatron-core ``torch_dist`` checkpoints (Megatron-LM's default format), reshardable on load.
+
+Each model-parallel rank builds its GPTModel chunks without random init, fills every parameter with its
+grown slice (one local tensor at a time), and saves through ``megatron.core.dist_checkpointing``: the
+ShardedTensor keys, global shapes and offsets are megatron's own, so Megatron-LM loads the result at any
+TP x PP. Layout of the output (as Megatron-LM writes it)::
+
+    DIR/latest_checkpointed_iteration.txt
+    DIR/iter_0000000/{metadata.json, common.pt, .metadata, __*_*.distcp}
+    state: {"model" | "model0", "model1", ...: sharded model, "args": Namespace, "checkpoint_version", "iteration"}
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from hyperclone_dist.config import ModelConfig
+from hyperclone_dist.errors import HypercloneError
+from hyperclone_dist.growth.grow import Grower
+from hyperclone_dist.megatron import legacy
+from hyperclone_dist.megatron.mapping import Layout, chunk_params, local_tensor
+
+
+def _safe_common_load():
+    """megatron's common.pt holds Megatron-LM's ``args`` Namespace; allow that class and nothing else
+    while megatron loads it with torch.load's default weights_only=True."""
+    return torch.serialization.safe_globals([argparse.Namespace])
+
+
+def _model_state_keys(chunks: list) -> list[str]:
+    return ["model"] if len(chunks) == 1 else [f"model{k}" for k in range(len(chunks))]
+
+
+@torch.no_grad()
+def fill_from_grower(chunks: list, grower: Grower, layout: Layout, tp_rank: int, pp_rank: int) -> None:
+    """Copy this rank's grown slices into its GPTModel chunks, one local tensor at a time."""
+    cfg = grower.large
+    for chunk_index, chunk in enumerate(chunks):
+        params = dict(chunk.named_parameters())
+        for name, row, layer in chunk_params(cfg, layout, pp_rank, chunk_index):
+            if name not in params:
+                raise HypercloneError(f"GPTModel has no parameter {name}; mapping and model disagree")
+            params[name].copy_(local_tensor(cfg, layout, row, layer, tp_rank, grower.slice))
+
+
+def save_grown(grower: Grower, layout: Layout, iteration_dir: Path, dtype: torch.dtype) -> int:
+    """Collective over the job: every process holds one model-parallel rank (initialised by
+    ``init_model_parallel``); returns the bytes of this rank's shard."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from hyperclone_dist.megatron.model import build_gpt_model
+
+    chunks = build_gpt_model(grower.large, dtype=dtype, perform_initialization=False,
+                             vocab_divisible_by=layout.vocab_divisible_by)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    fill_from_grower(chunks, grower, layout, tp_rank, pp_rank)
+    state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_state_keys(chunks), chunks)}
+    state.update(args=legacy.megatron_args(grower.large, layout, dtype), iteration=0,
+                 checkpoint_version=legacy.CHECKPOINT_VERSION)
+    iteration_dir.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(state, str(iteration_dir))
+    return sum(p.numel() * p.element_size() for chunk in chunks for p in chunk.parameters())
+
+
+def read_args(iteration_dir: Path) -> argparse.Namespace:
+    from megatron.core import dist_checkpointing
+
+    if not (iteration_dir / "metadata.json").is_file():
+        raise HypercloneError(f"{iteration_dir} is not a torch_dist checkpoint (no metadata.json)")
+    with _safe_common_load():
+        common = dist_checkpointing.load_common_state_dict(str(iteration_dir))
+    args = common.get("args") if isinstance(common, dict) else None
+    if not isinstance(getattr(args, "hyperclone_config", None), dict):
+        raise HypercloneError(f"{iteration_dir}: no model description in args.hyperclone_config")
+    return args
+
+
+def load_into_gpt_model(iteration_dir: Path, layout: Layout) -> tuple[list, ModelConfig]:
+    """GPTModel chunks at ``layout`` (any TP x PP) holding the checkpoint's weights."""
+    from megatron.core import dist_checkpointing
+
+    from hyperclone_dist.megatron.model import build_gpt_model
+
+    args = read_args(iteration_dir)
+    cfg = ModelConfig.from_dict(args.hyperclone_config)
+    padded = int(args.padded_vocab_size)
+    if padded % layout.tp:
+        raise HypercloneError(f"the checkpoint's padded vocab ({padded}) is not divisible by tp={layout.tp}")
+    chunks = build_gpt_model(cfg, perform_initialization=False, padded_vocab=padded)
+    state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_state_keys(chunks), chunks)}
+    with _safe_common_load():
+        loaded = dist_checkpointing.load(state, str(iteration_dir))
+    for key, chunk in zip(_model_state_keys(chunks), chunks):
+        missing, unexpected = chunk.load_state_dict(loaded[key], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise HypercloneError(f"{iteration_dir}: checkpoint and GPTModel disagree (missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]})")
+    return chunks, cfg
