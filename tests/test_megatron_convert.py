@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -27,6 +28,27 @@ def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
 def single(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *CLI, *args], env=ENV, cwd=REPO, capture_output=True, text=True,
                           timeout=300)
+
+
+def assert_export_matches_direct_hf(src: Path, ckpt: Path, growth: list[str], tmp_path: Path) -> None:
+    """hyperclone export of a megatron checkpoint equals growing straight to HF, tensor for tensor."""
+    from safetensors.torch import load_file
+
+    exported, direct = tmp_path / "exported", tmp_path / "direct"
+    proc = single("export", str(ckpt), "--out", str(exported), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert single("convert", str(src), "--out", str(direct), "--no-progress", *growth).returncode == 0
+
+    def tensors(root: Path) -> dict:
+        out = {}
+        for file in sorted(root.glob("*.safetensors")):
+            out.update(load_file(file))
+        return out
+
+    a, b = tensors(exported), tensors(direct)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def _verify_line(proc: subprocess.CompletedProcess) -> str:
@@ -55,6 +77,7 @@ def test_legacy_checkpoint_in_gpt_model_matches_small(tiny_model_dirs, tmp_path,
     line = _verify_line(verify)
     assert verify.returncode == 0 and line.endswith("OK"), line
     assert float(line.split("max rel ")[1].split()[0]) <= 1e-5
+    assert_export_matches_direct_hf(src, out, growth, tmp_path)
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -121,6 +144,11 @@ def test_torch_dist_reshards_on_load(tiny_model_dirs, tmp_path, case, growth, lo
         line = _verify_line(verify)
         assert verify.returncode == 0 and line.endswith("OK"), (layout, line)
         assert float(line.split("max rel ")[1].split()[0]) <= 1e-5
+    assert_export_matches_direct_hf(src, out, growth, tmp_path)
+    small = tmp_path / "again.pt"  # a trained checkpoint can be the next run's --clone-from source
+    assert single("export", str(out), "--out", str(small), "--format", "small.pt").returncode == 0
+    again = single("verify", str(src), str(small))
+    assert again.returncode == 0 and _verify_line(again).endswith("OK")
 
 
 def test_torch_dist_needs_one_process_per_rank(tiny_model_dirs, tmp_path):

@@ -133,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", type=int, default=1, help="megatron checkpoints: pipeline-parallel size to load at")
     p.add_argument("--vpp", type=int, default=None, help="megatron checkpoints: virtual pipeline stages")
 
+    p = sub.add_parser("export", help="a megatron checkpoint (legacy or torch_dist) to HF or small.pt")
+    p.add_argument("ckpt", help="megatron checkpoint directory (holds latest_checkpointed_iteration.txt)")
+    p.add_argument("--out", required=True, help="HF output directory, or the small.pt file to write")
+    p.add_argument("--format", choices=["hf", "small.pt"], default="hf")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("inspect", help="family, shapes, parameter count, dtype")
     p.add_argument("path")
     p.add_argument("--tensors", action="store_true", help="list every tensor")
@@ -169,6 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"max abs logit diff {diff.max_abs:.3e}  max rel {diff.max_rel:.3e}  (tol {args.tol:g}, "
                   f"batch {diff.batch} x {diff.seq_len} tokens, float32)  {verdict}")
             return 0 if diff.ok(args.tol) else 1
+        if args.command == "export":
+            from hyperclone_dist.convert import DTYPES
+            from hyperclone_dist.megatron.export import export_checkpoint
+
+            cfg = export_checkpoint(args.ckpt, args.out, args.format, DTYPES[args.dtype], args.overwrite,
+                                    progress=not args.no_progress)
+            print(f"wrote {args.out}: {args.format}, {cfg.family} hidden {cfg.hidden_size}, layers {cfg.num_layers}")
+            return 0
         if args.command == "inspect":
             from hyperclone_dist.inspect_ckpt import describe
 
