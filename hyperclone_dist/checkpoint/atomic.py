@@ -37,23 +37,34 @@ def check_output_dir(out: Path, overwrite: bool, source: Path | None = None) -> 
             raise HypercloneError(f"output {out} already holds a checkpoint (pass --overwrite to replace it)")
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out: Path, overwrite: bool = False, source: Path | None = None):
-    """Yield a fresh temporary directory; on success it replaces ``out``, on any error it is removed."""
-    out = Path(out)
+def make_partial_dir(out: Path, overwrite: bool = False, source: Path | None = None) -> Path:
+    """After the checks above, a new empty hidden directory beside ``out`` to build the output in."""
     check_output_dir(out, overwrite, source)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
+    return tmp
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Put the finished ``tmp`` in place of ``out`` (an old checkpoint there is moved aside first)."""
+    if out.exists():
+        trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, trash)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, overwrite: bool = False, source: Path | None = None):
+    """Yield a fresh temporary directory; on success it replaces ``out``, on any error it is removed."""
+    out = Path(out)
+    tmp = make_partial_dir(out, overwrite, source)
     try:
         yield tmp
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == errno.ENOSPC:

@@ -11,13 +11,14 @@ single process, or — under torchrun — each process writing only the ranks as
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from hyperclone_dist.checkpoint.atomic import check_output_dir
+from hyperclone_dist.checkpoint.atomic import make_partial_dir, publish
 from hyperclone_dist.checkpoint.reader import SourceCheckpoint
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.errors import HypercloneError
@@ -89,9 +90,9 @@ def convert_to_megatron(src: str | Path, out: str | Path, spec: GrowthSpec, layo
             target.mkdir(parents=True, exist_ok=True)
             torch.save(legacy.rank_payload(chunks, args, 0), target / "model_optim_rng.pt")
             written += sum(t.numel() * t.element_size() for sd in chunks for t in sd.values())
-    except (HypercloneError, OSError) as exc:
+    except Exception as exc:  # every process must reach _finish, or the others wait forever
         failure = exc
-    _finish(out, tmp, overwrite, dist, rank, failure)
+    _finish(out, tmp, dist, rank, failure)
     return MegatronConvertResult(out, grower.large, len(mine), written)
 
 
@@ -115,9 +116,9 @@ def _convert_torch_dist(src: Path, out: Path, grower: Grower, layout: Layout, dt
     failure, written = None, 0
     try:
         written = torch_dist.save_grown(grower, layout, legacy.iteration_dir(tmp, 0), dtype)
-    except (HypercloneError, OSError) as exc:
+    except Exception as exc:  # every process must reach _finish, or the others wait forever
         failure = exc
-    _finish(out, tmp, overwrite, dist, rank, failure)
+    _finish(out, tmp, dist, rank, failure)
     return MegatronConvertResult(out, grower.large, 1, written)
 
 
@@ -126,11 +127,7 @@ def _shared_tmp_dir(out: Path, overwrite: bool, src: Path, dist, rank: int) -> P
     names = [None]
     if rank == 0:
         try:
-            check_output_dir(out, overwrite, src)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-            tmp.mkdir()
-            names = [str(tmp)]
+            names = [str(make_partial_dir(out, overwrite, src))]
         except (HypercloneError, OSError) as exc:
             names = [f"error:{exc}"]
     if dist:
@@ -140,9 +137,9 @@ def _shared_tmp_dir(out: Path, overwrite: bool, src: Path, dist, rank: int) -> P
     return Path(names[0])
 
 
-def _finish(out: Path, tmp: Path, overwrite: bool, dist, rank: int, failure: BaseException | None) -> None:
-    """All processes agree on success; then rank 0 writes the tracker file last and renames."""
-    import shutil
+def _finish(out: Path, tmp: Path, dist, rank: int, failure: BaseException | None) -> None:
+    """All processes agree on success; then rank 0 writes the tracker file last and renames. On any
+    failure the temporary directory is removed and nothing appears at ``out``."""
 
     failed = torch.tensor([1 if failure else 0])
     if dist:
@@ -152,17 +149,13 @@ def _finish(out: Path, tmp: Path, overwrite: bool, dist, rank: int, failure: Bas
             dist.barrier()
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(failure, OSError):
+            raise HypercloneError(f"cannot write {out}: {failure.strerror or failure}; nothing was kept")
         if failure is not None:
-            raise HypercloneError(str(failure)) if not isinstance(failure, HypercloneError) else failure
+            raise failure
         raise HypercloneError("another conversion process failed; nothing was kept")
     if rank == 0:
         (tmp / legacy.TRACKER).write_text("0\n")  # the completion marker, written last
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish(tmp, out)
     if dist:
         dist.barrier()
