@@ -123,22 +123,26 @@ def test_unrepresentable_family_refused_in_one_line(tiny_model_dirs, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-TORCH_DIST_CASES = [  # (tiny model, growth flags, layouts to load at: (processes, flags))
-    ("llama-gqa2", ["--width-factor", "2", "--method", "noisy"],
+TORCH_DIST_CASES = [  # (tiny model, growth flags, processes writing, layouts to load at: (processes, flags))
+    ("llama-gqa2", ["--width-factor", "2", "--method", "noisy"], 1,
      [(1, []), (4, ["--tp", "4"]), (4, ["--tp", "2", "--pp", "2"])]),
-    ("gpt2-tied", ["--width-factor", "2", "--insert-layers", "every:1", "--method", "noisy-diagonal"],
+    ("gpt2-tied", ["--width-factor", "2", "--insert-layers", "every:1", "--method", "noisy-diagonal"], 4,
      [(4, ["--pp", "4"]), (4, ["--tp", "2", "--pp", "2", "--vpp", "2"])]),
 ]
 
 
-@pytest.mark.parametrize("case,growth,loads", TORCH_DIST_CASES, ids=[c[0] for c in TORCH_DIST_CASES])
-def test_torch_dist_reshards_on_load(tiny_model_dirs, tmp_path, case, growth, loads):
-    """Written at TP2 x PP2 by four processes, loaded at other layouts by megatron's dist_checkpointing."""
+@pytest.mark.parametrize("case,growth,writers,loads", TORCH_DIST_CASES,
+                         ids=[f"{c[0]}-{c[2]}-writer" for c in TORCH_DIST_CASES])
+def test_torch_dist_reshards_on_load(tiny_model_dirs, tmp_path, case, growth, writers, loads):
+    """Written at TP2 x PP2 (by one process playing each rank in turn, or by one process per rank),
+    loaded at other layouts by megatron's dist_checkpointing."""
     src, out = tiny_model_dirs[case], tmp_path / "ckpt"
-    convert = torchrun(4, "convert", str(src), "--out", str(out), "--format", "torch_dist", "--tp", "2",
-                       "--pp", "2", "--no-progress", *growth)
+    flags = ["convert", str(src), "--out", str(out), "--format", "torch_dist", "--tp", "2", "--pp", "2",
+             "--no-progress", *growth]
+    convert = torchrun(writers, *flags) if writers > 1 else single(*flags)
     assert convert.returncode == 0, convert.stderr[-3000:]
     assert (out / "iter_0000000" / "metadata.json").is_file()
+    assert len(list((out / "iter_0000000").glob("__*_*.distcp"))) >= 4  # every rank wrote its own files
     for nproc, layout in loads:
         verify = torchrun(nproc, "verify", str(src), str(out), *layout)
         line = _verify_line(verify)
@@ -151,9 +155,9 @@ def test_torch_dist_reshards_on_load(tiny_model_dirs, tmp_path, case, growth, lo
     assert again.returncode == 0 and _verify_line(again).endswith("OK")
 
 
-def test_torch_dist_needs_one_process_per_rank(tiny_model_dirs, tmp_path):
-    proc = single("convert", str(tiny_model_dirs["llama-gqa2"]), "--out", str(tmp_path / "x"), "--format",
-                  "torch_dist", "--tp", "2", "--pp", "2", "--width-factor", "2")
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and "torchrun --nproc_per_node 4" in lines[0], proc.stderr
+def test_torch_dist_from_too_few_processes_is_refused(tiny_model_dirs, tmp_path):
+    proc = torchrun(3, "convert", str(tiny_model_dirs["llama-gqa2"]), "--out", str(tmp_path / "x"), "--format",
+                    "torch_dist", "--tp", "2", "--pp", "2", "--width-factor", "2")
+    errors = [line for line in proc.stderr.splitlines() if "hyperclone convert: error" in line]
+    assert proc.returncode != 0 and errors and "torchrun --nproc_per_node 4" in errors[0], proc.stderr[-2000:]
     assert not (tmp_path / "x").exists()

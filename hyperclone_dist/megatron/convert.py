@@ -74,7 +74,7 @@ def convert_to_megatron(src: str | Path, out: str | Path, spec: GrowthSpec, layo
     check_representable(grower.large)
     check_layout(grower.large, layout)
     if fmt == "torch_dist":
-        return _convert_torch_dist(src, out, grower, layout, dtype, overwrite)
+        return _convert_torch_dist(src, out, grower, layout, dtype, overwrite, progress)
     dist = _dist()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
     tmp = _shared_tmp_dir(out, overwrite, src, dist, rank)
@@ -97,18 +97,20 @@ def convert_to_megatron(src: str | Path, out: str | Path, spec: GrowthSpec, layo
 
 
 def _convert_torch_dist(src: Path, out: Path, grower: Grower, layout: Layout, dtype: torch.dtype,
-                        overwrite: bool) -> MegatronConvertResult:
+                        overwrite: bool, progress: bool) -> MegatronConvertResult:
     """One process per model-parallel rank (processes beyond tp x pp are data-parallel replicas that
     megatron's replica ids keep from writing twice)."""
     from hyperclone_dist.megatron import torch_dist
     from hyperclone_dist.megatron.parallel import init_model_parallel
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and _dist() is None:
+        return _convert_torch_dist_serially(src, out, grower, layout, dtype, overwrite, progress)
     if world % layout.world:
         raise HypercloneError(
-            f"torch_dist at tp x pp = {layout.tp} x {layout.pp} is written by one process per model-parallel "
-            f"rank: run under torchrun --nproc_per_node {layout.world} (this job has {world}); "
-            "--format legacy converts in a single process")
+            f"torch_dist at tp x pp = {layout.tp} x {layout.pp} from several processes needs one process per "
+            f"model-parallel rank: torchrun --nproc_per_node {layout.world} (this job has {world}), or run "
+            "without torchrun to write every rank from one process")
     init_model_parallel(layout.tp, layout.pp, layout.vpp)
     dist = _dist()
     rank = dist.get_rank()
@@ -120,6 +122,22 @@ def _convert_torch_dist(src: Path, out: Path, grower: Grower, layout: Layout, dt
         failure = exc
     _finish(out, tmp, dist, rank, failure)
     return MegatronConvertResult(out, grower.large, 1, written)
+
+
+def _convert_torch_dist_serially(src: Path, out: Path, grower: Grower, layout: Layout, dtype: torch.dtype,
+                                 overwrite: bool, progress: bool) -> MegatronConvertResult:
+    """A single process writes every rank in turn, holding one rank's shard at a time."""
+    from hyperclone_dist.megatron.torch_dist_serial import save_grown_serially
+
+    tmp = make_partial_dir(out, overwrite, src)
+    failure, written = None, 0
+    try:
+        with tqdm(total=layout.world, desc="converting", unit="rank", disable=not progress) as bar:
+            written = save_grown_serially(grower, layout, legacy.iteration_dir(tmp, 0), dtype, bar)
+    except Exception as exc:  # cleaned up below, whatever it was
+        failure = exc
+    _finish(out, tmp, None, 0, failure)
+    return MegatronConvertResult(out, grower.large, layout.world, written)
 
 
 def _shared_tmp_dir(out: Path, overwrite: bool, src: Path, dist, rank: int) -> Path:

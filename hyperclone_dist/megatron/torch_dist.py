@@ -46,6 +46,14 @@ def fill_from_grower(chunks: list, grower: Grower, layout: Layout, tp_rank: int,
             params[name].copy_(local_tensor(cfg, layout, row, layer, tp_rank, grower.slice))
 
 
+def model_state(chunks: list, grower: Grower, layout: Layout, dtype: torch.dtype) -> dict:
+    """What Megatron-LM saves: the sharded model chunks plus args, iteration and checkpoint version."""
+    state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_state_keys(chunks), chunks)}
+    state.update(args=legacy.megatron_args(grower.large, layout, dtype), iteration=0,
+                 checkpoint_version=legacy.CHECKPOINT_VERSION)
+    return state
+
+
 def save_grown(grower: Grower, layout: Layout, iteration_dir: Path, dtype: torch.dtype) -> int:
     """Collective over the job: every process holds one model-parallel rank (initialised by
     ``init_model_parallel``); returns the bytes of this rank's shard."""
@@ -58,11 +66,8 @@ def save_grown(grower: Grower, layout: Layout, iteration_dir: Path, dtype: torch
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     fill_from_grower(chunks, grower, layout, tp_rank, pp_rank)
-    state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_state_keys(chunks), chunks)}
-    state.update(args=legacy.megatron_args(grower.large, layout, dtype), iteration=0,
-                 checkpoint_version=legacy.CHECKPOINT_VERSION)
     iteration_dir.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(state, str(iteration_dir))
+    dist_checkpointing.save(model_state(chunks, grower, layout, dtype), str(iteration_dir))
     return sum(p.numel() * p.element_size() for chunk in chunks for p in chunk.parameters())
 
 
