@@ -78,3 +78,14 @@ def test_unrepresentable_families_are_refused(tiny_model_dirs, case, changes, wh
     cfg = SourceCheckpoint(tiny_model_dirs[case]).config.replace(**changes)
     with pytest.raises(HypercloneError, match=why):
         check_representable(cfg)
+
+
+def test_te_spec_names_fuse_norms_into_linears(tiny_model_dirs):
+    cfg = SourceCheckpoint(tiny_model_dirs["gpt2-tied"]).config
+    local = [name for name, _, _ in chunk_params(cfg, Layout(), 0, 0)]
+    te = [name for name, _, _ in chunk_params(cfg, Layout(spec="te"), 0, 0)]
+    assert "decoder.layers.0.input_layernorm.weight" in local
+    assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in te
+    assert "decoder.layers.1.mlp.linear_fc1.layer_norm_bias" in te
+    assert not any("input_layernorm" in n or "pre_mlp_layernorm" in n for n in te)
+    assert len(te) == len(local)
