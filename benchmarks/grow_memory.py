@@ -20,7 +20,6 @@ or head) and temporaries the size of one small tensor; the naive peak adds the w
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import shutil
 import sys
@@ -30,21 +29,19 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from _common import MIB, load_small_whole, status_kib, write_small_model
+from safetensors.torch import save_file
 
-from hyperclone_dist.builtin import random_state_dict
-from hyperclone_dist.checkpoint.hf_writer import plan_tensors, write_hf_checkpoint
+from hyperclone_dist.checkpoint.hf_writer import plan_tensors
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.convert import DTYPES, convert
-from hyperclone_dist.families import FAMILIES, match_hf_name
+from hyperclone_dist.families import FAMILIES
 from hyperclone_dist.growth.grow import Grower
 from hyperclone_dist.growth.spec import GrowthSpec
-from hyperclone_dist.hf_config import config_from_hf
-from hyperclone_dist.layout import fuse_hf, split_hf
+from hyperclone_dist.layout import fuse_hf
 from hyperclone_dist.params import parameter_count
 
 BOUND_FACTOR = 1.3
-MIB = 1024**2
 
 # GPT-2 small: 124M parameters, 498 MB in fp32; x2 width gives ~494M parameters (untied head).
 GPT2_SMALL = ModelConfig(
@@ -53,24 +50,6 @@ GPT2_SMALL = ModelConfig(
     activation="gelu_new", gated_mlp=False, position_embedding="learned", tie_word_embeddings=True,
     qkv_bias=True, attn_out_bias=True, mlp_bias=True, norm_bias=True,
 )
-
-
-def _status_kib(field: str) -> int:
-    """A field of /proc/self/status in KiB. VmHWM rather than getrusage's ru_maxrss: on Linux ru_maxrss
-    survives exec, so a child started by a large parent would report the parent's high-water mark."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def write_small_model(path: Path, cfg: ModelConfig) -> int:
-    """Random weights as a one-shard HF checkpoint; returns the bytes of the tensors."""
-    state = random_state_dict(cfg)
-    path.mkdir(parents=True)
-    write_hf_checkpoint(path, cfg, {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__,
-                        torch.float32, shard_bytes=2**40, progress=False)
-    return sum(t.nbytes for t in state.values())
 
 
 def grow_streaming(src: str, out: str, spec: GrowthSpec, dtype: str, shard_bytes: int) -> int:
@@ -82,17 +61,9 @@ def grow_streaming(src: str, out: str, spec: GrowthSpec, dtype: str, shard_bytes
 def grow_naive(src: str, out: str, spec: GrowthSpec, dtype: str, shard_bytes: int) -> int:
     """What one would write without streaming: everything in memory, one save_file at the end (a single
     file, so ``shard_bytes`` goes unused)."""
-    src_dir, out_dir = Path(src), Path(out)
-    cfg = config_from_hf(json.loads((src_dir / "config.json").read_text()))
+    out_dir = Path(out)
+    cfg, small = load_small_whole(Path(src))
     family = FAMILIES[cfg.family]
-    hf_small = {}
-    for file in sorted(src_dir.glob("*.safetensors")):
-        hf_small.update(load_file(file))
-    small = {}
-    for hf_name, tensor in hf_small.items():
-        match = match_hf_name(family, hf_name)
-        small.update(split_hf(family, match.template, tensor, match.canonical, cfg))
-    small.setdefault("head.weight", small["embed.weight"])  # tied head: grown from the embedding
     grower = Grower(cfg, spec, small.__getitem__)
     canonical = {name: grower.shapes[name] for name in grower.names()}
     grown = {}
@@ -106,11 +77,11 @@ def grow_naive(src: str, out: str, spec: GrowthSpec, dtype: str, shard_bytes: in
 
 def measure(pipeline: str, out: str, src: str, spec: GrowthSpec, dtype: str, shard_bytes: int) -> dict:
     """Runs in a fresh spawned interpreter: baseline after imports, then the peak of one growth."""
-    baseline = _status_kib("VmRSS")
+    baseline = status_kib("VmRSS")
     start = time.perf_counter()
     grow = {"streaming": grow_streaming, "naive": grow_naive}[pipeline]
     largest_shard = grow(src, out, spec, dtype, shard_bytes)
-    return {"baseline": baseline * 1024, "peak": _status_kib("VmHWM") * 1024, "largest_shard": largest_shard,
+    return {"baseline": baseline * 1024, "peak": status_kib("VmHWM") * 1024, "largest_shard": largest_shard,
             "seconds": time.perf_counter() - start}
 
 

@@ -1,0 +1,286 @@
+"""Peak memory and write throughput of shard-direct megatron conversion: ~350M Llama grown x2, TP=4 x PP=2.
+
+    .venv/bin/python benchmarks/convert_memory.py [--workdir DIR] [--skip-legacy] [--skip-naive]
+
+Writes a Llama-shaped small model (374M parameters: hidden 1024, 24 layers, 16 heads, ffn 2816, vocab 32000,
+untied; random weights, fp32 safetensors), then in the same run:
+
+- torch_dist (the requirement): ``OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 8
+  -m hyperclone_dist.cli.main convert SMALL --out OUT --format torch_dist --tp 4 --pp 2 --width-factor 2
+  --no-progress``, each process started through ``benchmarks/_rank_memory.py``, which calls the CLI's
+  ``main`` unchanged and records the process's resident set after imports (its baseline) and its peak;
+- legacy: the same command with ``--format legacy``;
+- naive: one fresh process that loads the whole small model, grows every tensor whole (``Grower.full``),
+  then cuts each rank's tensors out and ``torch.save``s them, as single-process converters do;
+- dd: ``dd if=/dev/zero bs=1M`` of as many bytes as the torch_dist conversion wrote, into the same
+  directory, once with ``oflag=direct`` and once with ``conv=fdatasync``; the faster is the reference.
+
+Requirement checked (exit status 1 if missed): the peak resident set of every converting process (each rank
+and, separately, its children: megatron's forked checkpoint writers) stays within
+``baseline + 1.25 * (that rank's shard bytes + the largest small tensor)``. Shard bytes come from
+``hyperclone_dist.megatron.mapping`` for the grown config. Timings are printed, never asserted; the write
+throughput target (>= 50% of dd) is reported as met or not. Rank 0 runs under cProfile (``--no-profile``
+to turn off) and the CPU seconds of its phases are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+from _common import MIB, largest_stored_tensor, load_small_whole, status_kib, write_small_model
+from _rank_memory import OUT_ENV, PROFILE_ENV, import_converter
+
+from hyperclone_dist.config import ModelConfig
+from hyperclone_dist.growth.grow import Grower
+from hyperclone_dist.growth.spec import GrowthSpec
+from hyperclone_dist.megatron import legacy
+from hyperclone_dist.megatron.mapping import Layout, chunk_params, local_shape, local_tensor
+from hyperclone_dist.params import parameter_count
+
+BOUND_FACTOR = 1.25
+THROUGHPUT_TARGET = 0.5  # of dd's rate on the same disk
+MB = 1e6  # throughput in dd's units
+HERE = Path(__file__).resolve().parent
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+# ~350M Llama (OPT-350M / GPT-2-medium scale); x2 width gives 1.36B parameters.
+LLAMA_350M = ModelConfig(
+    family="llama", vocab_size=32000, hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=16,
+    head_dim=64, ffn_hidden_size=2816, max_position_embeddings=2048, norm="rmsnorm", norm_eps=1e-5,
+    activation="silu", gated_mlp=True, position_embedding="rope", tie_word_embeddings=False,
+)
+SPEC = GrowthSpec(width_factor=2)
+LAYOUT = Layout(tp=4, pp=2)
+
+# (file suffix, function, label) of the profiled rank's phases, in the order they run
+PHASES = (
+    ("megatron/parallel.py", "init_model_parallel", "process groups"),
+    ("megatron/model.py", "build_gpt_model", "GPTModel construction"),
+    ("megatron/torch_dist.py", "fill_from_grower", "growth into the parameters"),
+    ("checkpoint/reader.py", "get", "  reading small tensors"),
+    ("growth/grow.py", "slice", "  Grower.slice (reads included)"),
+    ("megatron/mapping.py", "local_tensor", "  local_tensor (slices, fusing, vocab padding)"),
+    ("dist_checkpointing/serialization.py", "save", "dist_checkpointing.save"),
+    ("strategies/filesystem_async.py", "_get_write_results_queue", "  spawning the results-queue manager"),
+    ("strategies/filesystem_async.py", "_clone_if_needed", "  cloning view tensors before the write"),
+    ("strategies/filesystem_async.py", "write_preloaded_data_multiproc", "  forking the writers, waiting"),
+    ("megatron/convert.py", "_finish", "commit (all-reduce, rename)"),
+)
+
+
+def shard_bytes(large: ModelConfig, tp_rank: int, pp_rank: int) -> int:
+    """Bytes of one rank's fp32 parameters, from the mapping alone."""
+    rows = [p for chunk in range(LAYOUT.chunks) for p in chunk_params(large, LAYOUT, pp_rank, chunk)]
+    return sum(4 * math.prod(local_shape(large, LAYOUT, row, layer)) for _, row, layer in rows)
+
+
+def rank_coords(rank: int) -> tuple[int, int]:
+    """(tp, pp) of a global rank when world = tp x pp: megatron's default order puts TP fastest, PP slowest;
+    the legacy writer's process k takes the k-th of [(t, p) for p for t], the same pairs."""
+    return rank % LAYOUT.tp, rank // LAYOUT.tp
+
+
+def run_streaming(fmt: str, src: Path, out: Path, records: Path,
+                  profile_rank: int | None = None) -> tuple[list, float]:
+    """The real CLI under torchrun, one process per model-parallel rank; returns per-rank records, wall s."""
+    records.mkdir(parents=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", OUT_ENV: str(records)}
+    env.pop(PROFILE_ENV, None)
+    if profile_rank is not None:
+        env[PROFILE_ENV] = str(profile_rank)
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", str(LAYOUT.world),
+           str(HERE / "_rank_memory.py"), "convert", str(src), "--out", str(out), "--format", fmt,
+           "--tp", str(LAYOUT.tp), "--pp", str(LAYOUT.pp), "--width-factor", str(SPEC.n), "--no-progress"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"{fmt} conversion failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    found = sorted(records.glob("rank-*.json"))
+    if len(found) != LAYOUT.world:
+        raise SystemExit(f"expected {LAYOUT.world} rank records in {records}, found {len(found)}")
+    return sorted((json.loads(f.read_text()) for f in found), key=lambda r: r["rank"]), wall
+
+
+@torch.inference_mode()
+def convert_naive(src: Path, out: Path) -> None:
+    """Load all, grow all, then cut out and save each rank (legacy layout)."""
+    cfg, small = load_small_whole(src)
+    grower = Grower(cfg, SPEC, small.__getitem__)
+    large = grower.large
+    grown = {name: grower.full(name) for name in grower.names()}
+    args = legacy.megatron_args(large, LAYOUT, torch.float32)
+    for pp_rank in range(LAYOUT.pp):
+        for tp_rank in range(LAYOUT.tp):
+            state = {}
+            for name, row, layer in chunk_params(large, LAYOUT, pp_rank, 0):
+                t = local_tensor(large, LAYOUT, row, layer, tp_rank, lambda n, index: grown[n][tuple(index)])
+                # torch.save writes a view's whole storage: keep only this rank's elements
+                owns = t.untyped_storage().nbytes() == t.nbytes
+                state[name] = t if owns else t.clone(memory_format=torch.contiguous_format)
+            target = legacy.rank_dir(out, 0, LAYOUT, tp_rank, pp_rank)
+            target.mkdir(parents=True)
+            torch.save(legacy.rank_payload([state], args, 0), target / "model_optim_rng.pt")
+            del state
+    (out / legacy.TRACKER).write_text("0\n")
+
+
+def measure_naive(src: str, out: str) -> dict:
+    """Runs in a fresh spawned interpreter, with the imports the streaming ranks count in their baseline."""
+    import_converter()
+    baseline = status_kib("VmRSS") * 1024
+    start = time.perf_counter()
+    convert_naive(Path(src), Path(out))
+    return {"baseline": baseline, "peak": status_kib("VmHWM") * 1024, "seconds": time.perf_counter() - start}
+
+
+def dd_rate(path: Path, nbytes: int, flag: str) -> float | None:
+    """MB/s of dd writing ``nbytes`` (rounded up to MiB) with ``flag``; None when the disk refuses it."""
+    count = -(-nbytes // MIB)
+    start = time.perf_counter()
+    proc = subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={count}", flag],
+                          capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    path.unlink(missing_ok=True)
+    return None if proc.returncode else count * MIB / MB / seconds
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def check_ranks(fmt: str, records: list, large: ModelConfig, largest_small: int) -> int:
+    """Per-rank table against the bound; returns how many processes exceed it."""
+    print(f"{fmt}: rank tp pp | baseline   peak  writers |  shard  bound | "
+          "(peak - baseline) / (shard + largest small)")
+    over = 0
+    for r in records:
+        tp_rank, pp_rank = rank_coords(r["rank"])
+        budget = shard_bytes(large, tp_rank, pp_rank) + largest_small
+        bound = r["baseline"] + BOUND_FACTOR * budget
+        worst = max(r["peak"], r["children_peak"])
+        over += worst > bound
+        writers, writers_ratio = f"{'-':>8}", ""
+        if r["children_peak"]:
+            writers = f"{r['children_peak'] / MIB:>8.0f}"
+            writers_ratio = f" (writers {(r['children_peak'] - r['baseline']) / budget:.3f})"
+        print(f"  {r['rank']:>9} {tp_rank:>2} {pp_rank:>2} | {r['baseline'] / MIB:>8.0f} "
+              f"{r['peak'] / MIB:>6.0f} {writers} | {(budget - largest_small) / MIB:>6.0f} "
+              f"{bound / MIB:>6.0f} | "
+              f"{(r['peak'] - r['baseline']) / budget:.3f}{writers_ratio}{'  OVER' if worst > bound else ''}")
+    return over
+
+
+def timing(records: list, wall: float, nbytes: int) -> float:
+    """Print where the wall time went; returns the end-to-end MB/s."""
+    imports = max(r["imported"] - r["started"] for r in records)
+    converting = max(r["finished"] for r in records) - min(r["imported"] for r in records)
+    rate = nbytes / MB / wall
+    print(f"  wrote {nbytes / MB:.0f} MB in {wall:.1f} s torchrun wall = {rate:.0f} MB/s end to end (imports "
+          f"{imports:.1f} s; conversion after imports {converting:.1f} s = "
+          f"{nbytes / MB / converting:.0f} MB/s)")
+    cpu = {"imports": sum(r["cpu_imports"] for r in records),
+           "conversion": sum(r["cpu_self"] - r["cpu_imports"] for r in records),
+           "children": sum(r["cpu_children"] for r in records)}
+    print(f"  CPU s over all {len(records)} processes: imports {cpu['imports']:.0f}, conversion "
+          f"{cpu['conversion']:.0f}, their children {cpu['children']:.0f}; total / {os.cpu_count()} cores = "
+          f"{sum(cpu.values()) / os.cpu_count():.0f} s of wall at the least")
+    return rate
+
+
+def print_profile(prof: Path) -> None:
+    stats = pstats.Stats(str(prof)).stats
+    print("  profile of rank 0 (cProfile, cumulative CPU s of the process itself, children not included):")
+    for suffix, func, label in PHASES:
+        hits = [v for (file, _, name), v in stats.items() if file.endswith(suffix) and name == func]
+        if hits:
+            print(f"    {label:<52} {sum(h[3] for h in hits):6.1f}")
+
+
+def torch_dist_section(scratch: Path, small_dir: Path, large: ModelConfig, largest_small: int,
+                       profile: bool) -> tuple[bool, list]:
+    """The requirement: memory of every process, write rate against dd; returns (within bound, records)."""
+    out, records_dir = scratch / "torch_dist", scratch / "rss-torch_dist"
+    records, wall = run_streaming("torch_dist", small_dir, out, records_dir, 0 if profile else None)
+    ok = check_ranks("torch_dist", records, large, largest_small) == 0
+    written = dir_bytes(out)
+    rate = timing(records, wall, written)
+    shutil.rmtree(out)  # its disk space, before dd writes as much again
+    dd = {flag: dd_rate(scratch / "dd.bin", written, flag) for flag in ("oflag=direct", "conv=fdatasync")}
+    reference = max(r for r in dd.values() if r is not None)
+    print("  dd on the same disk, same bytes: "
+          + ", ".join(f"{flag} {r:.0f} MB/s" if r else f"{flag} refused" for flag, r in dd.items()))
+    met = "met" if rate >= THROUGHPUT_TARGET * reference else "NOT met"
+    print(f"  end-to-end write rate / faster dd: {rate / reference:.1%} "
+          f"(target >= {THROUGHPUT_TARGET:.0%}: {met})")
+    if profile:
+        print_profile(records_dir / "rank-0.prof")
+    return ok, records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="parent of the scratch directory, on the disk measured (default: temp dir)")
+    parser.add_argument("--skip-legacy", action="store_true", help="do not measure --format legacy")
+    parser.add_argument("--skip-naive", action="store_true", help="do not measure the naive single process")
+    parser.add_argument("--no-profile", action="store_true", help="do not run rank 0 under cProfile")
+    args = parser.parse_args(argv)
+
+    scratch = Path(tempfile.mkdtemp(prefix="convert-memory-", dir=args.workdir))
+    try:
+        small_dir = scratch / "small"
+        small_bytes = write_small_model(small_dir, LLAMA_350M)
+        largest_small = largest_stored_tensor(small_dir)
+        large = Grower(LLAMA_350M, SPEC, {}.__getitem__).large
+        print(f"small model: Llama, {parameter_count(LLAMA_350M) / 1e6:.0f}M parameters, "
+              f"{small_bytes / MIB:.0f} MiB fp32 safetensors, largest tensor {largest_small / MIB:.0f} MiB")
+        print(f"grown: width x{SPEC.n}, ffn x{SPEC.m} -> {parameter_count(large) / 1e9:.2f}B parameters, "
+              f"fp32, tp={LAYOUT.tp} x pp={LAYOUT.pp}, one process per rank on {os.cpu_count()} cores")
+        print(f"bound per process: baseline + {BOUND_FACTOR} x (its shard + largest small tensor); "
+              "'writers': peak of its children (forked checkpoint writers, sharing its pages)")
+        ok, records = torch_dist_section(scratch, small_dir, large, largest_small, not args.no_profile)
+
+        if not args.skip_legacy:
+            out = scratch / "legacy"
+            legacy_records, legacy_wall = run_streaming("legacy", small_dir, out, scratch / "rss-legacy")
+            over = check_ranks("legacy", legacy_records, large, largest_small)
+            print(f"  legacy: {over} of {len(legacy_records)} processes over the bound "
+                  "(reported only: the requirement is torch_dist's)")
+            timing(legacy_records, legacy_wall, dir_bytes(out))
+            shutil.rmtree(out)
+
+        if not args.skip_naive:
+            with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                naive = pool.submit(measure_naive, str(small_dir), str(scratch / "naive")).result()
+            naive_rate = dir_bytes(scratch / "naive") / MB / naive["seconds"]
+            worst = max(records, key=lambda r: r["peak"])
+            above = (naive["peak"] - naive["baseline"]) / (worst["peak"] - worst["baseline"])
+            print(f"naive (one process: load all, grow all, cut out and torch.save each rank): baseline "
+                  f"{naive['baseline'] / MIB:.0f} MiB, peak {naive['peak'] / MIB:.0f} MiB; after imports "
+                  f"{naive['seconds']:.1f} s = {naive_rate:.0f} MB/s")
+            print(f"peak RSS: largest torch_dist process {worst['peak'] / MIB:.0f} MiB, naive "
+                  f"{naive['peak'] / MIB:.0f} MiB: naive / streaming = {above:.1f}x above baseline, "
+                  f"{naive['peak'] / worst['peak']:.1f}x in total")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print("PASS: every torch_dist process stays within the bound" if ok else
+          f"FAIL: a torch_dist process exceeds baseline + {BOUND_FACTOR} x (shard + largest small tensor)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
