@@ -41,7 +41,7 @@ def convert(src: str | Path, out: str | Path, spec: GrowthSpec, *, fmt: str = "h
         raise HypercloneError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     src, out = Path(src), Path(out)
     source = SourceCheckpoint(src)
-    grower = Grower(source.config, spec, source.get)
+    grower = Grower(source.config, spec, source.get, source.get_rows)
     canonical = {name: grower.shapes[name] for name in grower.names()}
     with atomic_output_dir(out, overwrite=overwrite, source=src) as tmp:
         largest = write_hf_checkpoint(tmp, grower.large, canonical, grower.full, DTYPES[dtype], shard_bytes,

@@ -13,7 +13,7 @@ from hyperclone_dist.megatron.convert import rank_state_dicts
 from hyperclone_dist.megatron.mapping import TP_AXIS, Layout, chunk_params, split_local
 
 
-def gathered_canonical(grower: Grower, layout: Layout) -> dict[str, torch.Tensor]:
+def gathered_canonical(grower: Grower, layout: Layout, rows=None) -> dict[str, torch.Tensor]:
     """Every canonical tensor, reassembled from the ranks' megatron tensors (each rank built by a fresh
     Grower, as a separate process would)."""
     cfg = grower.large
@@ -21,7 +21,7 @@ def gathered_canonical(grower: Grower, layout: Layout) -> dict[str, torch.Tensor
     splits: dict[str, str] = {}
     for pp_rank in range(layout.pp):
         for tp_rank in range(layout.tp):
-            fresh = Grower(grower.small, grower.spec, grower.get_small)
+            fresh = Grower(grower.small, grower.spec, grower.get_small, rows)
             for chunk, state in enumerate(rank_state_dicts(fresh, layout, tp_rank, pp_rank)):
                 for name, row, layer in chunk_params(cfg, layout, pp_rank, chunk):
                     if name == "output_layer.weight" and row.parts == ("embed.weight",):
@@ -47,7 +47,7 @@ def test_tp4_pp2_equals_tp1_pp1_bitwise(tiny_model_dirs, spec):
     source = SourceCheckpoint(tiny_model_dirs["llama-gqa2"])  # x2: 8 heads, 4 kv groups
     grower = Grower(source.config, spec, source.get)
     whole = gathered_canonical(grower, Layout(tp=1, pp=1))
-    sharded = gathered_canonical(grower, Layout(tp=4, pp=2))
+    sharded = gathered_canonical(grower, Layout(tp=4, pp=2), rows=source.get_rows)  # ranks read row ranges
     assert set(whole) == set(sharded) == set(grower.names())
     for key in whole:
         assert torch.equal(whole[key], sharded[key]), key

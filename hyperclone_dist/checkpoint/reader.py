@@ -206,6 +206,21 @@ class SourceCheckpoint:
         self._cache = parts_map if len(parts) > 1 else {}
         return parts_map[name]
 
+    def get_rows(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) of a canonical tensor, read without materialising the rest where the storage
+        allows (safetensors slices, memory-mapped small.pt); fused or transposed HF tensors are cut."""
+        if name == "head.weight" and self.config.tie_word_embeddings and not self._has(name):
+            name = "embed.weight"
+        if self.kind == "small.pt":
+            return self.get(name)[lo:hi]
+        hf_name, file, template, parts = self._where.get(name, (None, None, None, ()))
+        if len(parts) != 1 or template in self.family.transposed or file.suffix != ".safetensors":
+            return self.get(name)[lo:hi]
+        try:
+            return self._handle(file).get_slice(hf_name)[lo:hi]
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise HypercloneError(f"cannot read tensor {hf_name} from {file}: {_first_line(exc)}") from None
+
     def _has(self, name: str) -> bool:
         return name in (self._state if self.kind == "small.pt" else self._where)
 

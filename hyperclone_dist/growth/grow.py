@@ -44,8 +44,12 @@ def grown_config(small: ModelConfig, spec: GrowthSpec, plan: list[LayerSource]) 
 class Grower:
     """Grown model = growth rules applied to a small model reachable through ``get_small(name)``."""
 
-    def __init__(self, small: ModelConfig, spec: GrowthSpec, get_small: Callable[[str], torch.Tensor]):
+    def __init__(self, small: ModelConfig, spec: GrowthSpec, get_small: Callable[[str], torch.Tensor],
+                 get_small_rows: Callable[[str, int, int], torch.Tensor] | None = None):
+        """``get_small_rows(name, lo, hi)``, where given, reads rows [lo, hi) of a small tensor alone: a
+        vocab-parallel rank then reads its quarter of the embedding, not all of it."""
         self.small, self.spec, self.get_small = small, spec, get_small
+        self.get_small_rows = get_small_rows
         self.plan = layer_plan(spec, small.num_layers)
         self.large = grown_config(small, spec, self.plan)
         self.shapes = canonical_shapes(self.large)
@@ -78,7 +82,12 @@ class Grower:
         bounds = _bounds(index, shape, name)
         small_name, source = self.source_of(name)
         rule = rule_for(name)
-        small = self.get_small(small_name)
+        if self._rows_alone(name, rule):  # rows map 1:1 to small rows: read only those
+            (r0, r1), cols = bounds
+            small = self.get_small_rows(small_name, r0, r1)
+            bounds = [(0, r1 - r0), cols]
+        else:
+            small = self.get_small(small_name)
         out_dtype = dtype or small.dtype
         out_shape = tuple(hi - lo for lo, hi in bounds)
         if small.is_meta:
@@ -89,6 +98,14 @@ class Grower:
         if self.spec.method == "warmstart":
             return self._warmstart(name, rule, work, bounds).to(out_dtype)
         return self._clone(name, rule, work, bounds, out_dtype)
+
+    def _rows_alone(self, name: str, rule: Rule) -> bool:
+        """A matrix whose rows are not copied (vocab, positions) and that takes no noise needs only the
+        requested rows of its small tensor; every element is computed as it would be from the whole."""
+        if self.get_small_rows is None or len(rule.axes) != 2 or self.spec.method == "warmstart":
+            return False
+        rows_copies, cols_copies = self.factors(name)
+        return rows_copies == 1 and (not rule.mixable or cols_copies == 1)
 
     # ---- HyperCloning ---------------------------------------------------------------------------
     def _clone(self, name: str, rule: Rule, w: torch.Tensor, bounds, out_dtype: torch.dtype) -> torch.Tensor:

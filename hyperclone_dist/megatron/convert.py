@@ -70,7 +70,7 @@ def convert_to_megatron(src: str | Path, out: str | Path, spec: GrowthSpec, layo
         raise HypercloneError(f"unknown megatron format {fmt!r} (choose from {', '.join(MEGATRON_FORMATS)})")
     src, out = Path(src), Path(out)
     source = SourceCheckpoint(src)
-    grower = Grower(source.config, spec, source.get)
+    grower = Grower(source.config, spec, source.get, source.get_rows)
     check_representable(grower.large)
     check_layout(grower.large, layout)
     if fmt == "torch_dist":
