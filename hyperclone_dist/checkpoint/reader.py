@@ -191,8 +191,7 @@ class SourceCheckpoint:
 
     def get(self, name: str) -> torch.Tensor:
         """One canonical tensor of the small model, [out, in] orientation, in its stored dtype."""
-        if name == "head.weight" and self.config.tie_word_embeddings and not self._has(name):
-            name = "embed.weight"
+        name = self._stored_name(name)
         if self.kind == "small.pt":
             if name not in self._state:
                 raise HypercloneError(f"{self.path}: tensor {name} is missing")
@@ -209,8 +208,7 @@ class SourceCheckpoint:
     def get_rows(self, name: str, lo: int, hi: int) -> torch.Tensor:
         """Rows [lo, hi) of a canonical tensor, read without materialising the rest where the storage
         allows (safetensors slices, memory-mapped small.pt); fused or transposed HF tensors are cut."""
-        if name == "head.weight" and self.config.tie_word_embeddings and not self._has(name):
-            name = "embed.weight"
+        name = self._stored_name(name)
         if self.kind == "small.pt":
             return self.get(name)[lo:hi]
         hf_name, file, template, parts = self._where.get(name, (None, None, None, ()))
@@ -220,6 +218,12 @@ class SourceCheckpoint:
             return self._handle(file).get_slice(hf_name)[lo:hi]
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise HypercloneError(f"cannot read tensor {hf_name} from {file}: {_first_line(exc)}") from None
+
+    def _stored_name(self, name: str) -> str:
+        """A tied head is stored as the embedding."""
+        if name == "head.weight" and self.config.tie_word_embeddings and not self._has(name):
+            return "embed.weight"
+        return name
 
     def _has(self, name: str) -> bool:
         return name in (self._state if self.kind == "small.pt" else self._where)

@@ -88,7 +88,7 @@ def convert_to_megatron(src: str | Path, out: str | Path, spec: GrowthSpec, layo
             chunks = rank_state_dicts(grower, layout, tp_rank, pp_rank, dtype)
             target = legacy.rank_dir(tmp, 0, layout, tp_rank, pp_rank)
             target.mkdir(parents=True, exist_ok=True)
-            torch.save(legacy.rank_payload(chunks, args, 0), target / "model_optim_rng.pt")
+            torch.save(legacy.rank_payload(chunks, args, 0), target / legacy.RANK_FILE)
             written += sum(t.numel() * t.element_size() for sd in chunks for t in sd.values())
     except Exception as exc:  # every process must reach _finish, or the others wait forever
         failure = exc

@@ -13,6 +13,10 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, load
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.errors import HypercloneError
@@ -101,8 +105,6 @@ class MegatronSource:
 
     def _load_torch_dist(self, local_name: str, row: MegatronParam, layer: int | None) -> torch.Tensor:
         """One layer's slice of a (layer-stacked) torch_dist tensor, read straight from the DCP files."""
-        from torch.distributed.checkpoint import FileSystemReader, load
-
         from hyperclone_dist.megatron.mapping import local_shape
 
         shape = list(local_shape(self.config, self.layout, row, layer))
@@ -120,29 +122,24 @@ class MegatronSource:
         return buffer[0] if layer is not None else buffer
 
 
-class _SlicePlanner:
+class _SlicePlanner(DefaultLoadPlanner):
     """A DCP load planner that reads one rectangular region of a saved tensor into a plain buffer.
     torch's default planner only fills whole tensors (or ShardedTensors whose shards cover the tensor),
     so reading a single layer of a layer-stacked tensor needs its own read items."""
 
-    def __new__(cls, key: str, offsets: list[int], shape: list[int]):
-        from torch.distributed.checkpoint import DefaultLoadPlanner
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadPlan
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+    def __init__(self, key: str, offsets: list[int], shape: list[int]):
+        super().__init__()
+        self.key = key
+        self.chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(shape))
 
-        class SlicePlanner(DefaultLoadPlanner):
-            def lookup_tensor(self, index):
-                return self.state_dict[index.fqn]  # our buffer is the region itself
+    def lookup_tensor(self, index):
+        return self.state_dict[index.fqn]  # the buffer is the region itself
 
-            def create_local_plan(self):
-                if key not in self.metadata.state_dict_metadata:
-                    raise HypercloneError(f"the torch_dist checkpoint has no tensor {key}")
-                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(shape))
-                return LoadPlan(create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key],
-                                                                 [chunk]))
-
-        return SlicePlanner()
+    def create_local_plan(self) -> LoadPlan:
+        if self.key not in self.metadata.state_dict_metadata:
+            raise HypercloneError(f"the torch_dist checkpoint has no tensor {self.key}")
+        saved = self.metadata.state_dict_metadata[self.key]
+        return LoadPlan(create_read_items_for_chunk_list(self.key, saved, [self.chunk]))
 
 
 EXPORT_FORMATS = ("hf", "small.pt")

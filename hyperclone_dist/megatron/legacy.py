@@ -18,6 +18,7 @@ from hyperclone_dist.megatron.mapping import Layout, padded_vocab_size
 
 CHECKPOINT_VERSION = 3.0
 TRACKER = "latest_checkpointed_iteration.txt"
+RANK_FILE = "model_optim_rng.pt"
 
 
 def iteration_dir(root: Path, iteration: int) -> Path:

@@ -32,7 +32,12 @@ class LegacyCheckpoint:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.iteration = read_iteration(self.root)
-        first = self._rank_file(0, 0, probe=True)
+        it_dir = legacy.iteration_dir(self.root, self.iteration)
+        # the layout, and so the rank directories' naming, is only known once the first file is read
+        candidates = [it_dir / name / legacy.RANK_FILE for name in ("mp_rank_00", "mp_rank_00_000")]
+        first = next((f for f in candidates if f.is_file()), None)
+        if first is None:
+            raise HypercloneError(f"{it_dir} holds no mp_rank_00[_000]/{legacy.RANK_FILE}")
         self.args = legacy.load_rank(first)["args"]
         config = getattr(self.args, "hyperclone_config", None)
         if not isinstance(config, dict):
@@ -44,14 +49,11 @@ class LegacyCheckpoint:
                              vocab_divisible_by=self.args.make_vocab_size_divisible_by)
         self.padded_vocab = int(self.args.padded_vocab_size)
 
-    def _rank_file(self, tp_rank: int, pp_rank: int, probe: bool = False) -> Path:
-        it_dir = legacy.iteration_dir(self.root, self.iteration)
-        candidates = [it_dir / f"mp_rank_{tp_rank:02d}" / "model_optim_rng.pt",
-                      it_dir / f"mp_rank_{tp_rank:02d}_{pp_rank:03d}" / "model_optim_rng.pt"]
-        for file in candidates if probe else candidates[:1] if self.layout.pp == 1 else candidates[1:]:
-            if file.is_file():
-                return file
-        raise HypercloneError(f"{self.root}: rank file for tp={tp_rank} pp={pp_rank} is missing")
+    def _rank_file(self, tp_rank: int, pp_rank: int) -> Path:
+        file = legacy.rank_dir(self.root, self.iteration, self.layout, tp_rank, pp_rank) / legacy.RANK_FILE
+        if not file.is_file():
+            raise HypercloneError(f"{self.root}: rank file for tp={tp_rank} pp={pp_rank} is missing ({file})")
+        return file
 
     def rank_state_dicts(self, tp_rank: int, pp_rank: int) -> list[dict[str, torch.Tensor]]:
         payload = legacy.load_rank(self._rank_file(tp_rank, pp_rank))

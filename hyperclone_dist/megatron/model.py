@@ -247,6 +247,16 @@ def build_gpt_model(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32,
     return chunks
 
 
+def load_chunk_weights(chunk, state: dict, source) -> None:
+    """Load ``state`` into one GPTModel chunk; anything missing (but megatron's empty ``_extra_state``)
+    or unexpected is an error naming ``source``."""
+    missing, unexpected = chunk.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise HypercloneError(f"{source}: checkpoint and GPTModel disagree (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+
+
 def causal_attention_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Megatron's mask convention: [1, 1, s, s] booleans, True where a query may NOT attend."""
     allowed = torch.tril(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device))

@@ -88,7 +88,7 @@ def load_into_gpt_model(iteration_dir: Path, layout: Layout) -> tuple[list, Mode
     """GPTModel chunks at ``layout`` (any TP x PP) holding the checkpoint's weights."""
     from megatron.core import dist_checkpointing
 
-    from hyperclone_dist.megatron.model import build_gpt_model
+    from hyperclone_dist.megatron.model import build_gpt_model, load_chunk_weights
 
     args = read_args(iteration_dir)
     cfg = ModelConfig.from_dict(args.hyperclone_config)
@@ -100,9 +100,5 @@ def load_into_gpt_model(iteration_dir: Path, layout: Layout) -> tuple[list, Mode
     with _safe_common_load():
         loaded = dist_checkpointing.load(state, str(iteration_dir))
     for key, chunk in zip(_model_state_keys(chunks), chunks):
-        missing, unexpected = chunk.load_state_dict(loaded[key], strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise HypercloneError(f"{iteration_dir}: checkpoint and GPTModel disagree (missing {missing[:3]}, "
-                                  f"unexpected {unexpected[:3]})")
+        load_chunk_weights(chunk, loaded[key], iteration_dir)
     return chunks, cfg

@@ -20,7 +20,7 @@ def load_into_gpt_model(ckpt: LegacyCheckpoint, layout: Layout) -> list:
     """This rank's GPTModel chunks holding the checkpoint's weights (layout must match a legacy save)."""
     from megatron.core import parallel_state
 
-    from hyperclone_dist.megatron.model import build_gpt_model
+    from hyperclone_dist.megatron.model import build_gpt_model, load_chunk_weights
 
     saved = ckpt.layout
     if (saved.tp, saved.pp, saved.chunks) != (layout.tp, layout.pp, layout.chunks):
@@ -30,11 +30,7 @@ def load_into_gpt_model(ckpt: LegacyCheckpoint, layout: Layout) -> list:
     states = ckpt.rank_state_dicts(parallel_state.get_tensor_model_parallel_rank(),
                                    parallel_state.get_pipeline_model_parallel_rank())
     for chunk, state in zip(chunks, states):
-        missing, unexpected = chunk.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise HypercloneError(f"{ckpt.root}: checkpoint and GPTModel disagree (missing {missing[:3]}, "
-                                  f"unexpected {unexpected[:3]})")
+        load_chunk_weights(chunk, state, ckpt.root)
     return chunks
 
 
