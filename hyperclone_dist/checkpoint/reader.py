@@ -26,10 +26,11 @@ from hyperclone_dist.params import canonical_shapes
 _LOAD_ERRORS = (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, SafetensorError, KeyError)
 
 
-def torch_load(path: Path) -> object:
-    """``torch.load`` that never executes pickled code and reports a bad file in one line."""
+def torch_load(path: Path, mmap: bool = True) -> object:
+    """``torch.load`` that never executes pickled code and reports a bad file in one line. ``mmap=False``
+    for files in torch's legacy (non-zip) serialization, which DeepSpeed still writes."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HypercloneError(

@@ -244,7 +244,36 @@ def build_gpt_model(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32,
             vp_stage=stage,
         )
         chunks.append(chunk)
+    if not perform_initialization:
+        for chunk in chunks:
+            mark_tensor_parallel_params(chunk)
     return chunks
+
+
+def mark_tensor_parallel_params(chunk) -> None:
+    """Give TP-split parameters megatron's ``tensor_model_parallel`` / ``partition_dim`` attributes.
+
+    megatron-core sets them inside its weight initialisers, so with ``perform_initialization=False`` (every
+    weight is loaded anyway) they are missing, and gradient-norm code (megatron's and DeepSpeed's) would
+    then count a split weight on TP rank 0 only."""
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for module in chunk.modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            split = {"weight": 0, "bias": 0}
+        elif isinstance(module, RowParallelLinear):
+            split = {"weight": 1}
+        else:
+            continue
+        for name, dim in split.items():
+            param = getattr(module, name, None)
+            if isinstance(param, torch.nn.Parameter) and not getattr(param, "tensor_model_parallel", False):
+                set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
 
 
 def load_chunk_weights(chunk, state: dict, source) -> None:

@@ -21,7 +21,7 @@ from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.growth.grow import Grower
 from hyperclone_dist.megatron import legacy
-from hyperclone_dist.megatron.mapping import Layout, chunk_params, local_tensor
+from hyperclone_dist.megatron.mapping import Layout
 
 
 def _safe_common_load():
@@ -34,16 +34,11 @@ def _model_state_keys(chunks: list) -> list[str]:
     return ["model"] if len(chunks) == 1 else [f"model{k}" for k in range(len(chunks))]
 
 
-@torch.no_grad()
 def fill_from_grower(chunks: list, grower: Grower, layout: Layout, tp_rank: int, pp_rank: int) -> None:
     """Copy this rank's grown slices into its GPTModel chunks, one local tensor at a time."""
-    cfg = grower.large
-    for chunk_index, chunk in enumerate(chunks):
-        params = dict(chunk.named_parameters())
-        for name, row, layer in chunk_params(cfg, layout, pp_rank, chunk_index):
-            if name not in params:
-                raise HypercloneError(f"GPTModel has no parameter {name}; mapping and model disagree")
-            params[name].copy_(local_tensor(cfg, layout, row, layer, tp_rank, grower.slice))
+    from hyperclone_dist.train.init_weights import fill_chunks
+
+    fill_chunks(chunks, grower.large, layout, tp_rank, pp_rank, grower.slice)
 
 
 def model_state(chunks: list, grower: Grower, layout: Layout, dtype: torch.dtype) -> dict:

@@ -1,0 +1,176 @@
+"""Training checkpoints: DeepSpeed engine state plus the model in megatron-core ``torch_dist``.
+
+    SAVE/global_step{N}/            DeepSpeed: mp_rank_XX_model_states.pt, *_optim_states.pt, trainer_state.json
+    SAVE/iter_{N:07d}/              megatron torch_dist model (reshards on load; hyperclone export/verify read it)
+    SAVE/latest                     DeepSpeed's tag file
+    SAVE/latest_checkpointed_iteration.txt   megatron's tracker: written last, the completion marker
+
+Both directories are written under hidden ``.partial`` names and renamed once every rank has finished;
+the two tag files are replaced atomically afterwards, so a crash at any point leaves the previous
+checkpoint as the latest complete one. DeepSpeed files are read back without unpickling code: the engine's
+checkpoint loader is swapped for one that uses ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hyperclone_dist.errors import HypercloneError
+
+DS_TAG_FILE = "latest"
+STATE_FILE = "trainer_state.json"
+
+
+def _tag(step: int) -> str:
+    return f"global_step{step}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def use_safe_loader(engine) -> None:
+    """Make the engine read its checkpoints with ``weights_only=True``: a checkpoint that holds code is
+    refused with the file's name instead of running it."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from hyperclone_dist.checkpoint.reader import torch_load
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path, map_location=None):
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                return torch_load(Path(path), mmap=False)
+
+    engine.checkpoint_engine = SafeTorchCheckpointEngine(config_params=None)
+
+
+def _deepspeed_safe_globals() -> list:
+    """Plain-data classes DeepSpeed puts in its checkpoint files besides tensors and containers (an enum,
+    a named tuple, the loss scaler's attributes); weights_only rebuilds them without running code."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def save_checkpoint(engine, chunks: list, save_dir: str | Path, step: int, trainer_state: dict,
+                    megatron_args, rng: dict | None = None) -> Path:
+    """Collective: every rank calls it. Returns the published DeepSpeed tag directory."""
+    from megatron.core import dist_checkpointing
+
+    from hyperclone_dist.megatron import legacy
+    from hyperclone_dist.megatron.torch_dist import _model_state_keys
+
+    root = Path(save_dir)
+    rank = dist.get_rank()
+    tag, it_name = _tag(step), legacy.iteration_dir(Path(), step).name
+    ds_tmp, it_tmp = root / f".{tag}.partial", root / f".{it_name}.partial"
+    error = [None]
+    if rank == 0:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in (ds_tmp, it_tmp):
+                shutil.rmtree(stale, ignore_errors=True)
+            it_tmp.mkdir()
+        except OSError as exc:
+            error = [f"cannot write checkpoint under {root}: {exc.strerror or exc}"]
+    dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise HypercloneError(error[0])
+    engine.save_checkpoint(str(root), tag=ds_tmp.name, client_state={"hyperclone": trainer_state, "rng": rng or {}},
+                           save_latest=False)
+    state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_state_keys(chunks), chunks)}
+    state.update(args=megatron_args, iteration=step, checkpoint_version=legacy.CHECKPOINT_VERSION)
+    dist_checkpointing.save(state, str(it_tmp))
+    dist.barrier()
+    if rank == 0:
+        (ds_tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
+        _replace_dir(ds_tmp, root / tag)
+        _replace_dir(it_tmp, root / it_name)
+        _write_atomic(root / DS_TAG_FILE, tag)
+        _write_atomic(root / legacy.TRACKER, f"{step}\n")  # the completion marker, last
+    dist.barrier()
+    return root / tag
+
+
+def latest_training_state(load_dir: str | Path) -> dict | None:
+    """The trainer state of the latest complete training checkpoint; None for a checkpoint that holds
+    a model only (e.g. written by ``hyperclone convert --format torch_dist``)."""
+    root = Path(load_dir)
+    tag_file = root / DS_TAG_FILE
+    if not tag_file.is_file():
+        return None
+    tag = tag_file.read_text().strip()
+    state_file = root / tag / STATE_FILE
+    if not state_file.is_file():
+        raise HypercloneError(f"--load {root}: {tag} has no {STATE_FILE}; the checkpoint is incomplete")
+    try:
+        state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HypercloneError(f"--load {root}: corrupt {state_file.name} ({exc})") from None
+    state["tag"] = tag
+    return state
+
+
+def check_resumable(state: dict, layout: dict, config: dict, load_dir: str | Path) -> None:
+    """DeepSpeed's optimizer partitions are tied to the layout they were written at."""
+    saved = state.get("layout", {})
+    if saved != layout:
+        raise HypercloneError(f"--load {load_dir} was saved at layout {saved}, this job is {layout}; the "
+                              "optimizer state resumes only at the same layout (the model alone reshards: "
+                              "export it or pass its iter_* checkpoint to a fresh run)")
+    if state.get("model_config") != config:
+        raise HypercloneError(f"--load {load_dir}: the checkpoint's model differs from this run's "
+                              f"(hidden {state.get('model_config', {}).get('hidden_size')} vs "
+                              f"{config.get('hidden_size')}, layers {state.get('model_config', {}).get('num_layers')} "
+                              f"vs {config.get('num_layers')})")
+
+
+def resume(engine, load_dir: str | Path, tag: str) -> tuple[dict, dict]:
+    """Restore the engine (model, optimizer, LR schedule); returns (trainer state, RNG states)."""
+    path, client = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if path is None or not isinstance(client, dict) or "hyperclone" not in client:
+        raise HypercloneError(f"--load {load_dir}: DeepSpeed found no complete checkpoint under tag {tag}")
+    return client["hyperclone"], client.get("rng") or {}
+
+
+def load_model_only(chunks: list, load_dir: str | Path) -> int:
+    """Weights of a torch_dist checkpoint into this layout's chunks (dist_checkpointing reshards);
+    returns its iteration."""
+    from megatron.core import dist_checkpointing
+
+    from hyperclone_dist.megatron.legacy import iteration_dir
+    from hyperclone_dist.megatron.load import read_iteration
+    from hyperclone_dist.megatron.model import load_chunk_weights
+    from hyperclone_dist.megatron.torch_dist import _model_state_keys, _safe_common_load
+
+    root = Path(load_dir)
+    iteration = read_iteration(root)
+    it_dir = iteration_dir(root, iteration)
+    state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_state_keys(chunks), chunks)}
+    with _safe_common_load():
+        loaded = dist_checkpointing.load(state, str(it_dir))
+    for key, chunk in zip(_model_state_keys(chunks), chunks):
+        load_chunk_weights(chunk, loaded[key], it_dir)
+    return iteration

@@ -1,0 +1,100 @@
+"""The batches a data-parallel rank trains on at a step: a pure function of (step, layout), so a resumed
+run reads exactly what an uninterrupted one would, and every layout sees the same global batch.
+
+Global batch ``s`` is samples ``[s * gbs, (s + 1) * gbs)`` of the train split; data-parallel rank r takes
+its contiguous 1/dp of them, cut into micro-batches. Validation always reads the same first
+``eval_iters * gbs`` samples of the valid split, so every evaluation (and every run) is comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from hyperclone_dist.errors import HypercloneError
+
+DEFAULT_CACHE = Path(".cache") / "hyperclone"
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    global_batch_size: int  # sequences per optimizer step
+    micro_batch_size: int
+    data_parallel_size: int
+    seq_length: int
+
+    @property
+    def num_micro_batches(self) -> int:  # per data-parallel rank
+        return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_length
+
+
+def batch_plan(args: argparse.Namespace, dp: int, seq_length: int, pp: int, vpp: int | None) -> BatchPlan:
+    gbs = args.global_batch_size
+    if gbs is None:
+        if args.global_batch_tokens % seq_length:
+            raise HypercloneError(f"--global-batch-tokens {args.global_batch_tokens} is not a multiple of the "
+                                  f"sequence length {seq_length}")
+        gbs = args.global_batch_tokens // seq_length
+    per_step = args.micro_batch_size * dp
+    if gbs < 1 or gbs % per_step:
+        raise HypercloneError(f"global batch {gbs} sequences is not divisible by micro batch "
+                              f"{args.micro_batch_size} x data-parallel size {dp} = {per_step}")
+    plan = BatchPlan(gbs, args.micro_batch_size, dp, seq_length)
+    if vpp and plan.num_micro_batches % pp:
+        raise HypercloneError(f"the interleaved schedule needs the micro-batches per rank "
+                              f"({plan.num_micro_batches}) to be a multiple of pp={pp}")
+    return plan
+
+
+def default_data(cache_root: Path, vocab_size: int) -> tuple[list[str], str]:
+    """The embedded corpus (Python's standard library sources), tokenized once with a tokenizer of the
+    model's vocabulary size and cached; rank 0 builds it, everyone else waits at the barrier."""
+    import torch.distributed as dist
+
+    from hyperclone_dist.data.prepare import prepare_dataset
+    from hyperclone_dist.data.tokenizer import MIN_VOCAB_SIZE, train_tokenizer
+
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise HypercloneError(f"the embedded corpus needs a vocabulary of at least {MIN_VOCAB_SIZE} (the "
+                              f"model has {vocab_size}); bring data with --data-path/--tokenizer-model")
+    root = cache_root / f"default-corpus-v{vocab_size}"
+    prefix, model = root / "stdlib", root / "stdlib.model"
+    error = [None]
+    if dist.get_rank() == 0 and not Path(f"{prefix}.idx").is_file():
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if not model.is_file():
+                train_tokenizer(None, prefix, vocab_size)
+            prepare_dataset(None, model, prefix, progress=False)
+        except (HypercloneError, OSError) as exc:
+            error = [str(exc)]
+    dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise HypercloneError(error[0])
+    return [str(prefix)], str(model)
+
+
+class DataFeed:
+    def __init__(self, datasets, plan: BatchPlan, dp_rank: int, eval_iters: int):
+        self.train, self.valid = datasets.train, datasets.valid
+        self.plan, self.dp_rank, self.eval_iters = plan, dp_rank, eval_iters
+
+    def _micro_batches(self, dataset, step: int) -> list[dict]:
+        from hyperclone_dist.data.loader import batch_at, data_parallel_slice
+
+        first, count = data_parallel_slice(step, self.plan.global_batch_size, self.dp_rank,
+                                           self.plan.data_parallel_size)
+        batch = batch_at(dataset, first, count)
+        mbs = self.plan.micro_batch_size
+        return [{k: v[i:i + mbs] for k, v in batch.items()} for i in range(0, count, mbs)]
+
+    def train_batches(self, step: int) -> list[dict]:
+        return self._micro_batches(self.train, step)
+
+    def valid_batches(self, index: int) -> list[dict]:
+        return self._micro_batches(self.valid, index)

@@ -1,0 +1,122 @@
+"""The DeepSpeed engine around this rank's megatron-core GPTModel chunks.
+
+DeepSpeed owns what it is good at: the optimizer (ZeRO-1/2 partitioning over the data-parallel group),
+gradient reduction and clipping, bf16 master weights on GPU, and engine checkpoints. megatron-core owns
+the model (TP layers) and the pipeline schedule (see step.py for how the two meet).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hyperclone_dist.errors import HypercloneError
+
+# What pretrain.py decides and writes into the DeepSpeed config: the JSON may leave each of these out or
+# say "auto" (the Hugging Face convention), and a different explicit value is an error, not a silent win.
+_OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+          "gradient_clipping")
+
+
+def read_deepspeed_config(path: str | Path | None) -> dict:
+    if path is None:
+        return {"zero_optimization": {"stage": 0}}
+    path = Path(path)
+    if not path.is_file():
+        raise HypercloneError(f"DeepSpeed config {path} does not exist")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HypercloneError(f"cannot parse DeepSpeed config {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise HypercloneError(f"DeepSpeed config {path} is not a JSON object")
+    return config
+
+
+def zero_stage(config: dict) -> int:
+    return int((config.get("zero_optimization") or {}).get("stage", 0))
+
+
+def complete_deepspeed_config(user: dict, *, micro_batch_size: int, num_micro_batches: int, dp: int,
+                              pp: int, clip_grad: float, bf16: bool) -> dict:
+    """The user's DeepSpeed config with the values this trainer owns filled in and checked."""
+    config = copy.deepcopy(user)
+    wanted = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": num_micro_batches,
+        "train_batch_size": micro_batch_size * num_micro_batches * dp,
+        "gradient_clipping": clip_grad,
+    }
+    for key in _OWNED:
+        given = config.get(key, "auto")
+        if given != "auto" and given != wanted[key]:
+            raise HypercloneError(f"DeepSpeed config says {key}={given} but the command line gives "
+                                  f"{wanted[key]}; drop it from the JSON or set it to \"auto\"")
+        config[key] = wanted[key]
+    stage = zero_stage(config)
+    if stage == 0:
+        # DeepSpeed's non-ZeRO fp32 clipping sums norms over the TP x PP group counting replicated
+        # parameters on model-parallel rank 0 only, which drops later stages' norms; ZeRO-1 counts them
+        # right and, at one data-parallel rank, is the same optimizer.
+        stage = 1
+        config.setdefault("zero_optimization", {})["stage"] = 1
+    if stage > 2:
+        raise HypercloneError(f"ZeRO stage {stage} is not supported: megatron-core shards the model with "
+                              "TP/PP; use ZeRO-1 or ZeRO-2 for the optimizer over data parallel")
+    if stage == 2 and pp > 1:
+        raise HypercloneError("ZeRO-2 reduces gradients inside backward hooks, which a pipeline schedule "
+                              "does not drive; with pp > 1 use ZeRO stage 1 (as DeepSpeed's pipeline engine)")
+    if pp > 1:
+        # megatron's schedule accumulates gradients over the micro-batches outside ZeRO's backward, and
+        # engine.step() is the accumulation boundary (see step.py)
+        zero = config["zero_optimization"]
+        zero.setdefault("contiguous_gradients", False)
+        zero.setdefault("overlap_comm", False)
+        config["managed_gradient_accumulation"] = False
+    if bf16:
+        config.setdefault("bf16", {})["enabled"] = True
+    elif (config.get("bf16") or {}).get("enabled") or (config.get("fp16") or {}).get("enabled"):
+        raise HypercloneError("the DeepSpeed config enables bf16/fp16 but this run is float32 "
+                              "(pass --bf16 on a GPU, or disable it in the JSON)")
+    config.setdefault("steps_per_print", 10**9)  # progress is ours to print
+    config.setdefault("wall_clock_breakdown", False)
+    return config
+
+
+def parameter_groups(chunks: list, weight_decay: float, lr: float,
+                     lr_multipliers: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on vectors (norm gains, biases), as Megatron-LM; one group per
+    distinct (decay, LR multiplier) so μP multipliers are plain per-group LRs."""
+    groups: dict[tuple[bool, float], list] = {}
+    seen: set[int] = set()
+    for chunk_index, chunk in enumerate(chunks):
+        for name, param in chunk.named_parameters():
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            mult = (lr_multipliers or {}).get(f"{chunk_index}:{name}", 1.0)
+            groups.setdefault((param.dim() > 1, mult), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * mult,
+             "lr_mult": mult} for (decay, mult), params in sorted(groups.items(), key=lambda kv: kv[0])]
+
+
+def initialize_engine(chunks: list, ds_config: dict, groups: list[dict], schedule, *, vocab_size: int,
+                      seq_length: int, betas=(0.9, 0.95), eps: float = 1e-8):
+    """deepspeed.initialize over the chunks with a torch AdamW (no JIT-built kernels on CPU) and a
+    LambdaLR; returns the engine."""
+    import deepspeed
+
+    from hyperclone_dist.train.mpu import MegatronMPU
+    from hyperclone_dist.train.schedules import lr_scheduler
+    from hyperclone_dist.train.step import ChunkStack
+
+    optimizer = torch.optim.AdamW(groups, betas=betas, eps=eps)
+    scheduler = lr_scheduler(optimizer, schedule)
+    engine, _, _, _ = deepspeed.initialize(model=ChunkStack(chunks, vocab_size, seq_length), optimizer=optimizer,
+                                           lr_scheduler=scheduler, mpu=MegatronMPU(), config=ds_config,
+                                           dist_init_required=False)
+    return engine
