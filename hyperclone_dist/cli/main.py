@@ -4,6 +4,7 @@
     hyperclone verify small/ big/
     hyperclone inspect big/
     hyperclone quickstart
+    hyperclone data tokenizer --out data/tok && hyperclone data prepare --tokenizer data/tok.model --out data/stdlib
 """
 
 from __future__ import annotations
@@ -147,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="grow the built-in model x2 and verify it (no downloads)")
     p.add_argument("--out", default="runs/quickstart")
+
+    from hyperclone_dist.data.cli import add_data_commands
+
+    add_data_commands(sub)
     return parser
 
 
@@ -194,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
             from hyperclone_dist.cli.quickstart import run_quickstart
 
             return run_quickstart(args.out)
+        if args.command == "data":
+            from hyperclone_dist.data.cli import run_data_command
+
+            return run_data_command(args)
     except HypercloneError as exc:
         print(f"hyperclone {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -1,0 +1,14 @@
+"""Pretraining data: an embedded default corpus, a sentencepiece tokenizer, megatron-core indexed datasets.
+
+    hyperclone data tokenizer --out data/tok --vocab-size 4096     # default corpus: the stdlib's source
+    hyperclone data prepare --tokenizer data/tok.model --out data/stdlib
+    hyperclone data inspect data/stdlib
+
+The trainer reads the result through ``hyperclone_dist.data.loader`` (``DataConfig``, ``build_datasets``,
+``batch_at``). Modules here import megatron-core lazily: it takes seconds, and the CLI's input checks should
+fail before paying for it.
+"""
+
+# The same filters as hyperclone_dist.megatron: megatron-core's import-time TransformerEngine/Apex warnings
+# would otherwise land on stderr under the CLI's one-line errors.
+import hyperclone_dist.megatron  # noqa: F401
