@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--mup", action="store_true", help="muP learning-rate multipliers for hidden matrices "
                    "(width relative to --mup-base-hidden-size, default the clone source's)")
     o.add_argument("--mup-base-hidden-size", type=int, default=None)
+    o.add_argument("--mup-output-multiplier", type=float, default=1.0,
+                   help="scale the logits by this (muP: base width / width; 1 keeps a clone's function)")
+    o.add_argument("--mup-attention-scale", action="store_true",
+                   help="attention logits scaled by 1/head_dim instead of 1/sqrt(head_dim) (muP)")
 
     d = p.add_argument_group("data")
     d.add_argument("--data-path", nargs="+", default=None, metavar="[WEIGHT] PREFIX",
@@ -162,5 +166,7 @@ def validate(args: argparse.Namespace) -> None:
         raise HypercloneError("--save-interval/--exit-interval need --save DIR")
     if args.data_path and not args.tokenizer_model:
         raise HypercloneError("--data-path needs --tokenizer-model (the .model the data was prepared with)")
+    if not args.mup_output_multiplier > 0:
+        raise HypercloneError(f"--mup-output-multiplier must be > 0, got {args.mup_output_multiplier}")
     if args.clip_grad < 0:
         raise HypercloneError(f"--clip-grad must be >= 0, got {args.clip_grad}")

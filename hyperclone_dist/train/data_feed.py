@@ -9,12 +9,17 @@ its contiguous 1/dp of them, cut into micro-batches. Validation always reads the
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from hyperclone_dist.errors import HypercloneError
 
-DEFAULT_CACHE = Path(".cache") / "hyperclone"
+
+
+def default_cache() -> Path:
+    """Tokenized default corpus and dataset index caches: $HYPERCLONE_CACHE, else ~/.cache/hyperclone."""
+    return Path(os.environ.get("HYPERCLONE_CACHE") or Path.home() / ".cache" / "hyperclone")
 
 
 @dataclass(frozen=True)

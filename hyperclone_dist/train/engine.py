@@ -88,9 +88,9 @@ def complete_deepspeed_config(user: dict, *, micro_batch_size: int, num_micro_ba
 
 
 def parameter_groups(chunks: list, weight_decay: float, lr: float,
-                     lr_multipliers: dict[str, float] | None = None) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on vectors (norm gains, biases), as Megatron-LM; one group per
-    distinct (decay, LR multiplier) so μP multipliers are plain per-group LRs."""
+                     lr_multipliers: dict[str, float] | None = None) -> dict[tuple[bool, float], list]:
+    """AdamW groups keyed by (decayed, LR multiplier): no weight decay on vectors (norm gains, biases), as
+    Megatron-LM; one group per distinct μP multiplier, so multipliers are plain per-group LRs."""
     groups: dict[tuple[bool, float], list] = {}
     seen: set[int] = set()
     for chunk_index, chunk in enumerate(chunks):
@@ -100,12 +100,26 @@ def parameter_groups(chunks: list, weight_decay: float, lr: float,
             seen.add(id(param))
             mult = (lr_multipliers or {}).get(f"{chunk_index}:{name}", 1.0)
             groups.setdefault((param.dim() > 1, mult), []).append(param)
-    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * mult,
-             "lr_mult": mult} for (decay, mult), params in sorted(groups.items(), key=lambda kv: kv[0])]
+    return groups
 
 
-def initialize_engine(chunks: list, ds_config: dict, groups: list[dict], schedule, *, vocab_size: int,
-                      seq_length: int, betas=(0.9, 0.95), eps: float = 1e-8):
+def _same_groups_everywhere(groups: dict[tuple[bool, float], list], stack) -> list[tuple[tuple[bool, float], list]]:
+    """DeepSpeed runs one gradient-norm collective per parameter group, so every rank must have the same
+    groups in the same order, even a pipeline stage that holds no parameter of some kind (no embedding, no
+    μP-scaled output layer): such a stage gets a one-element placeholder parameter (zero gradient) there."""
+    import torch.distributed as dist
+
+    keys = [None] * dist.get_world_size()
+    dist.all_gather_object(keys, sorted(groups))
+    for key in sorted({k for rank_keys in keys for k in rank_keys}):
+        if key not in groups:
+            groups[key] = [stack.placeholder()]
+    return sorted(groups.items(), key=lambda kv: kv[0])
+
+
+def initialize_engine(chunks: list, ds_config: dict, groups: dict[tuple[bool, float], list], schedule, *,
+                      weight_decay: float, lr: float, vocab_size: int,
+                      seq_length: int, logit_scale: float = 1.0, betas=(0.9, 0.95), eps: float = 1e-8):
     """deepspeed.initialize over the chunks with a torch AdamW (no JIT-built kernels on CPU) and a
     LambdaLR; returns the engine."""
     import deepspeed
@@ -114,9 +128,12 @@ def initialize_engine(chunks: list, ds_config: dict, groups: list[dict], schedul
     from hyperclone_dist.train.schedules import lr_scheduler
     from hyperclone_dist.train.step import ChunkStack
 
-    optimizer = torch.optim.AdamW(groups, betas=betas, eps=eps)
+    stack = ChunkStack(chunks, vocab_size, seq_length, logit_scale)
+    param_groups = [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * mult,
+                     "lr_mult": mult} for (decay, mult), params in _same_groups_everywhere(groups, stack)]
+    optimizer = torch.optim.AdamW(param_groups, betas=betas, eps=eps)
     scheduler = lr_scheduler(optimizer, schedule)
-    engine, _, _, _ = deepspeed.initialize(model=ChunkStack(chunks, vocab_size, seq_length), optimizer=optimizer,
+    engine, _, _, _ = deepspeed.initialize(model=stack, optimizer=optimizer,
                                            lr_scheduler=scheduler, mpu=MegatronMPU(), config=ds_config,
                                            dist_init_required=False)
     return engine

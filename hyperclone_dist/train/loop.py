@@ -90,10 +90,10 @@ class Run:
 
         from hyperclone_dist.data.loader import DataConfig, build_datasets, parse_blend
         from hyperclone_dist.data.tokenizer import tokenizer_info
-        from hyperclone_dist.train.data_feed import DEFAULT_CACHE, DataFeed, default_data
+        from hyperclone_dist.train.data_feed import DataFeed, default_cache, default_data
 
         args, cfg = self.args, self.start.config
-        cache = Path(args.data_cache_path) if args.data_cache_path else DEFAULT_CACHE
+        cache = Path(args.data_cache_path) if args.data_cache_path else default_cache()
         if args.data_path:
             prefixes, weights = parse_blend(args.data_path)
             tokenizer = args.tokenizer_model
@@ -126,7 +126,9 @@ class Run:
         self.padded_vocab = padded_vocab_size(cfg.vocab_size, args.tp)
         if self.start.slice_fn is None and self.resume_state is None:
             self.padded_vocab = self._checkpoint_padded_vocab()
-        self.chunks = build_gpt_model(cfg, dtype=dtype, perform_initialization=False, padded_vocab=self.padded_vocab)
+        overrides = {"softmax_scale": 1.0 / cfg.head_dim} if args.mup_attention_scale else {}
+        self.chunks = build_gpt_model(cfg, dtype=dtype, perform_initialization=False, padded_vocab=self.padded_vocab,
+                                      **overrides)
         if self.start.slice_fn is not None:
             layout = Layout(tp=args.tp, pp=args.pp, vpp=args.vpp)
             fill_chunks(self.chunks, cfg, layout, ps.get_tensor_model_parallel_rank(),
@@ -169,8 +171,9 @@ class Run:
                                    wsd_decay_shape=args.lr_wsd_decay_style)
         multipliers = mup_lr_multipliers(self.chunks, self.start, args) if args.mup else None
         groups = parameter_groups(self.chunks, args.weight_decay, args.lr, multipliers)
-        self.engine = initialize_engine(self.chunks, ds_config, groups, self.schedule,
-                                        vocab_size=self.start.config.vocab_size, seq_length=self.seq_length,
+        self.engine = initialize_engine(self.chunks, ds_config, groups, self.schedule, weight_decay=args.weight_decay,
+                                        lr=args.lr, vocab_size=self.start.config.vocab_size,
+                                        seq_length=self.seq_length, logit_scale=args.mup_output_multiplier,
                                         betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
         from hyperclone_dist.train.checkpointing import use_safe_loader
 
@@ -213,7 +216,8 @@ class Run:
         from hyperclone_dist.train.step import eval_step
 
         losses = [eval_step(self.chunks, self.feed.valid_batches(i), self.seq_length, self.plan.micro_batch_size,
-                            self.start.config.vocab_size) for i in range(self.args.eval_iters)]
+                            self.start.config.vocab_size, self.args.mup_output_multiplier)
+                  for i in range(self.args.eval_iters)]
         return None if losses[0] is None else sum(losses) / len(losses)
 
     def train(self) -> dict:

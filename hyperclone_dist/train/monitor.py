@@ -94,7 +94,7 @@ class Monitor:
         if self._wandb:
             self._wandb.log(values, step=step)
         if self._metrics:
-            self._metrics.write(json.dumps({"step": step, **values}) + "\n")
+            self._metrics.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         if self._bar:
             shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in values.items()
                      if k in ("train/loss", "valid/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s")}

@@ -33,12 +33,15 @@ def masked_mean(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.
     return (per_token_loss.float() * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def real_vocab_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def real_vocab_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                             logit_scale: float = 1.0) -> torch.Tensor:
     """Per-token loss [batch, seq] from this TP rank's vocab slice of the logits, with megatron's padded
     vocab rows (ids >= vocab_size) left out of the softmax: a grown model's loss then equals the small
     model's exactly, and the padded rows get no gradient (Megatron-LM lets them take probability mass)."""
     from megatron.core import parallel_state, tensor_parallel
 
+    if logit_scale != 1.0:  # muP output multiplier
+        logits = logits * logit_scale
     local = logits.shape[-1]
     first = parallel_state.get_tensor_model_parallel_rank() * local
     if first + local > vocab_size:
@@ -47,7 +50,7 @@ def real_vocab_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_s
     return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
 
 
-def make_forward_step(attention_mask: torch.Tensor, vocab_size: int):
+def make_forward_step(attention_mask: torch.Tensor, vocab_size: int, logit_scale: float = 1.0):
     """The ``forward_step_func`` megatron's schedules call for each micro-batch."""
 
     def forward_step(data_iterator, model):
@@ -55,7 +58,8 @@ def make_forward_step(attention_mask: torch.Tensor, vocab_size: int):
         output = model(batch["tokens"], batch["position_ids"], attention_mask)  # logits on the last stage
 
         def loss_func(logits):
-            loss = masked_mean(real_vocab_cross_entropy(logits, batch["labels"], vocab_size), batch["loss_mask"])
+            per_token = real_vocab_cross_entropy(logits, batch["labels"], vocab_size, logit_scale)
+            loss = masked_mean(per_token, batch["loss_mask"])
             # megatron divides the returned loss in place by the number of micro-batches: report a copy
             return loss, {"lm loss": loss.detach().clone()}
 
@@ -101,7 +105,7 @@ def mark_pipeline_replicas(chunks: list) -> None:
 
 
 def forward_backward(chunks: list, micro_batches: list[dict], seq_length: int, micro_batch_size: int,
-                     vocab_size: int, forward_only: bool = False) -> float | None:
+                     vocab_size: int, forward_only: bool = False, logit_scale: float = 1.0) -> float | None:
     """Run the schedule over this data-parallel rank's micro-batches; the mean micro-batch loss on the
     last pipeline stage, None elsewhere. Gradients accumulate into ``param.grad``."""
     from megatron.core import parallel_state
@@ -112,7 +116,7 @@ def forward_backward(chunks: list, micro_batches: list[dict], seq_length: int, m
     mask = causal_attention_mask(seq_length)
     data = [iter(micro_batches) for _ in chunks]
     outputs = get_forward_backward_func()(
-        forward_step_func=make_forward_step(mask, vocab_size),
+        forward_step_func=make_forward_step(mask, vocab_size, logit_scale),
         data_iterator=data if len(chunks) > 1 else data[0],
         model=chunks,
         num_microbatches=len(micro_batches),
@@ -141,17 +145,23 @@ class ChunkStack(torch.nn.Module):
     """The module DeepSpeed wraps: this rank's model chunks. With PP=1 its forward is one micro-batch's
     loss, so the engine's own forward/backward/step loop drives training."""
 
-    def __init__(self, chunks: list, vocab_size: int, seq_length: int):
+    def __init__(self, chunks: list, vocab_size: int, seq_length: int, logit_scale: float = 1.0):
         super().__init__()
         from hyperclone_dist.megatron.model import causal_attention_mask
 
         self.chunks = torch.nn.ModuleList(chunks)
-        self.vocab_size = vocab_size
+        self.vocab_size, self.logit_scale = vocab_size, logit_scale
         self.register_buffer("attention_mask", causal_attention_mask(seq_length), persistent=False)
+        self.placeholders = torch.nn.ParameterList()  # see engine._same_groups_everywhere
+
+    def placeholder(self) -> torch.nn.Parameter:
+        param = torch.nn.Parameter(torch.zeros(1))
+        self.placeholders.append(param)
+        return param
 
     def forward(self, tokens, position_ids, labels, loss_mask):
         logits = self.chunks[0](tokens, position_ids, self.attention_mask)
-        return masked_mean(real_vocab_cross_entropy(logits, labels, self.vocab_size), loss_mask)
+        return masked_mean(real_vocab_cross_entropy(logits, labels, self.vocab_size, self.logit_scale), loss_mask)
 
 
 def _engine_loop_step(engine, micro_batches: list[dict]) -> float:
@@ -174,7 +184,8 @@ def train_step(engine, chunks: list, micro_batches: list[dict], seq_length: int,
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         loss = _engine_loop_step(engine, micro_batches)
     else:
-        loss = forward_backward(chunks, micro_batches, seq_length, micro_batch_size, vocab_size)
+        loss = forward_backward(chunks, micro_batches, seq_length, micro_batch_size, vocab_size,
+                                logit_scale=engine.module.logit_scale)
         allreduce_tied_embedding_grads(chunks)
         engine.step()
     norm = engine.get_global_grad_norm()
@@ -184,11 +195,12 @@ def train_step(engine, chunks: list, micro_batches: list[dict], seq_length: int,
 
 @torch.no_grad()
 def eval_step(chunks: list, micro_batches: list[dict], seq_length: int, micro_batch_size: int,
-              vocab_size: int) -> float | None:
+              vocab_size: int, logit_scale: float = 1.0) -> float | None:
     was = [c.training for c in chunks]
     for chunk in chunks:
         chunk.eval()
-    loss = forward_backward(chunks, micro_batches, seq_length, micro_batch_size, vocab_size, forward_only=True)
+    loss = forward_backward(chunks, micro_batches, seq_length, micro_batch_size, vocab_size, forward_only=True,
+                            logit_scale=logit_scale)
     for chunk, training in zip(chunks, was):
         chunk.train(training)
     return data_parallel_mean(loss)
