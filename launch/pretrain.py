@@ -29,6 +29,10 @@ def main() -> int:
     args = parse_args()
     rank = os.environ.get("RANK", "0")
     try:
+        if args.dry_run:
+            from hyperclone_dist.train.dryrun import dry_run
+
+            return dry_run(args)
         from hyperclone_dist.train.loop import pretrain
 
         pretrain(args)

@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="steps between symmetry-monitor readings of a cloned run (default: --log-interval x 10)")
     io.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for the MFU estimate")
     io.add_argument("--no-progress", action="store_true")
+
+    dry = p.add_argument_group("dry run (no GPUs, no process group: shapes and memory per rank)")
+    dry.add_argument("--dry-run", action="store_true", help="check divisibility, shard shapes and memory per GPU")
+    dry.add_argument("--world-size", type=int, default=None, help="dry run: GPUs in the job")
+    dry.add_argument("--gpu-memory-gib", type=float, default=80.0, help="dry run: memory of one GPU")
     return p
 
 
@@ -149,9 +154,9 @@ def validate(args: argparse.Namespace) -> None:
         raise HypercloneError(f"--train-iters must be a positive integer, got {args.train_iters}")
     if args.init is None:
         args.init = "clone" if args.clone_from else "random"
-    if args.init == "clone" and not args.clone_from and not args.load:
+    if args.init == "clone" and not args.clone_from and not args.load and not args.dry_run:
         raise HypercloneError("--init clone needs --clone-from SMALL")
-    if args.init == "random" and not (args.model_config or args.clone_from or args.load):
+    if args.init == "random" and not (args.model_config or args.clone_from or args.load or args.dry_run):
         raise HypercloneError("--init random needs --model-config (or --clone-from for the grown shape)")
     for name in ("micro_batch_size", "eval_iters", "log_interval"):
         if getattr(args, name) < 1:
@@ -162,7 +167,7 @@ def validate(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise HypercloneError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if (args.save_interval or args.exit_interval) and not args.save:
+    if (args.save_interval or args.exit_interval) and not args.save and not args.dry_run:
         raise HypercloneError("--save-interval/--exit-interval need --save DIR")
     if args.data_path and not args.tokenizer_model:
         raise HypercloneError("--data-path needs --tokenizer-model (the .model the data was prepared with)")

@@ -1,0 +1,85 @@
+"""Every shipped cluster recipe passes its dry run at full size on this CPU (divisibility, per-rank shard
+shapes, memory per 80 GB GPU), and the dry run refuses impossible layouts with a one-line reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p.parent for p in (REPO / "recipes").glob("*/train.json"))
+GPUS = {"llama-1b-to-4b": 16, "llama-3b-to-12b": 32, "llama-7b-to-26b": 64}
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def dry_run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch/pretrain.py", "--dry-run", *args], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_every_recipe_is_checked():
+    assert {p.name for p in RECIPES} == set(GPUS), "a recipe without a dry-run world size, or a missing one"
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_dry_run_fits(recipe: Path):
+    proc = dry_run("--config", str(recipe / "train.json"), "--world-size", str(GPUS[recipe.name]))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    fitted = [line for line in out.splitlines() if line.startswith("largest rank")]
+    assert len(fitted) == 1 and fitted[0].endswith("fits"), out
+    gib = float(fitted[0].split(":")[1].split("GiB")[0])
+    assert 5 < gib <= 80, out  # a real estimate, inside the GPU
+    config = json.loads((recipe / "train.json").read_text())
+    small = json.loads((REPO / config["model_config"]).read_text())
+    assert f"hidden {small['hidden_size'] * config['width_factor']}," in out  # the grown shape was checked
+    assert os.access(recipe / "submit.sh", os.X_OK)
+
+
+def test_per_rank_parameters_add_up_to_the_model():
+    """The dry run's shard shapes, summed over ranks, are the grown model's parameter count."""
+    from hyperclone_dist.config import ModelConfig
+    from hyperclone_dist.growth.grow import Grower
+    from hyperclone_dist.growth.spec import GrowthSpec
+    from hyperclone_dist.params import canonical_shapes
+    from hyperclone_dist.train.args import parse_args
+    from hyperclone_dist.train.dryrun import estimate
+
+    args = parse_args(["--config", str(REPO / "recipes/llama-3b-to-12b/train.json"), "--dry-run", "--world-size", "32"])
+    cfg, ranks, _ = estimate(args, 32, 1)
+    small = ModelConfig.from_dict(json.loads((REPO / "configs/models/llama-3b.json").read_text()))
+    grown = Grower(small, GrowthSpec(width_factor=2), lambda name: None).large
+    assert cfg == grown
+    expected = sum(np_prod(s) for s in canonical_shapes(grown).values())
+    padded_rows = (-(-grown.vocab_size // (128 * 4)) * 128 * 4 - grown.vocab_size) * grown.hidden_size * 2
+    replicated = (2 * grown.num_layers + 1) * grown.hidden_size  # norm gains, held whole by each of 4 TP ranks
+    assert sum(r.params for r in ranks) == expected + padded_rows + 3 * replicated
+
+
+def np_prod(shape) -> int:
+    out = 1
+    for n in shape:
+        out *= n
+    return out
+
+
+@pytest.mark.parametrize("flags, reason", [
+    (["--tp", "3", "--world-size", "24"], "tp=3"),
+    (["--pp", "3", "--world-size", "36"], "does not split evenly into pp*vpp = 3"),
+    (["--world-size", "24", "--tp", "16"], "not divisible by tp*pp"),
+    (["--micro-batch-size", "3"], "is not divisible by micro batch 3"),
+    (["--micro-batch-size", "8", "--gpu-memory-gib", "24"], "more than the 24 GiB GPU"),
+])
+def test_impossible_layout_fails_clearly(flags, reason):
+    base = ["--config", str(REPO / "recipes/llama-3b-to-12b/train.json")]
+    if "--world-size" not in flags:
+        base += ["--world-size", "32"]
+    proc = dry_run(*base, *flags)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("pretrain.py: error:")]
+    assert len(errors) == 1 and reason in errors[0], proc.stderr
