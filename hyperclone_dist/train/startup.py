@@ -56,7 +56,8 @@ def resolve_start(args: argparse.Namespace) -> StartPoint:
         grower = Grower(source.config, spec, source.get, source.get_rows)
         check_representable(grower.large)
         what = f"cloned from {args.clone_from} ({spec.method}, width x{spec.n}, ffn x{spec.m})"
-        return StartPoint(grower.large, grower.slice, what, source.config, spec.n, spec.m)
+        copies = spec.n if spec.method != "warmstart" else 1  # a warmstart's blocks are not copies of each other
+        return StartPoint(grower.large, grower.slice, what, source.config, copies, spec.m)
     if args.init == "random" and (args.clone_from or args.model_config):
         path = Path(args.clone_from or args.model_config)
         if not path.exists():
