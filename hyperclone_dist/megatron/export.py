@@ -146,6 +146,26 @@ EXPORT_FORMATS = ("hf", "small.pt")
 
 
 @torch.inference_mode()
+def training_meta(ckpt: Path) -> dict:
+    """What a later run's hand-off schedule needs from a training checkpoint written by pretrain.py: the
+    steps taken and the LR of its last update (empty for a converted checkpoint)."""
+    import json
+
+    tag_file = ckpt / "latest"
+    state_file = ckpt / tag_file.read_text().strip() / "trainer_state.json" if tag_file.is_file() else None
+    if state_file is None or not state_file.is_file():
+        return {}
+    try:
+        state = json.loads(state_file.read_text())
+        from hyperclone_dist.train.schedules import LRSchedule
+
+        schedule = LRSchedule(**state["schedule"])
+        step = int(state["step"])
+        return {"train_steps": step, "final_lr": schedule.lr(max(0, step - 1)), "peak_lr": schedule.peak_lr}
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+        return {}
+
+
 def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "hf", dtype: torch.dtype = torch.float32,
                       overwrite: bool = False, progress: bool = True) -> ModelConfig:
     """Write a megatron checkpoint as an HF directory (streaming, one tensor at a time) or as small.pt
@@ -165,5 +185,6 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "hf", dtype:
         return cfg
     if out.exists() and not overwrite:
         raise HypercloneError(f"{out} already exists (pass --overwrite to replace it)")
-    small_pt.save(out, cfg, {name: source.get(name).to(dtype) for name in names}, {"exported_from": str(ckpt)})
+    small_pt.save(out, cfg, {name: source.get(name).to(dtype) for name in names},
+                  {"exported_from": str(ckpt), **training_meta(Path(ckpt))})
     return cfg

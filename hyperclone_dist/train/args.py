@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
     o.add_argument("--lr-wsd-decay-fraction", type=float, default=0.1)
     o.add_argument("--lr-wsd-decay-style", choices=WSD_DECAY_SHAPES, default="1-sqrt")
+    o.add_argument("--handoff", choices=["paper", "no-rewarmup", "low-peak", "points"], default="paper",
+                   help="LR schedule of a grown model after the hand-off (docs/pretraining.md)")
+    o.add_argument("--handoff-peak-factor", type=float, default=1.0,
+                   help="low-peak: the peak is the small model's final LR times this")
+    o.add_argument("--lr-schedule-points", default=None, metavar="JSON",
+                   help="any schedule: [[step, lr], ...], linear in between (implies --handoff points)")
     o.add_argument("--weight-decay", type=float, default=0.1)
     o.add_argument("--adam-beta1", type=float, default=0.9)
     o.add_argument("--adam-beta2", type=float, default=0.95)

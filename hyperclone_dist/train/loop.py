@@ -157,18 +157,15 @@ class Run:
             parameter_groups,
             read_deepspeed_config,
         )
+        from hyperclone_dist.train.handoff import build_schedule
         from hyperclone_dist.train.mup import mup_lr_multipliers
-        from hyperclone_dist.train.schedules import LRSchedule
 
         args = self.args
         user = read_deepspeed_config(args.deepspeed_config)
         ds_config = complete_deepspeed_config(user, micro_batch_size=self.plan.micro_batch_size,
                                               num_micro_batches=self.plan.num_micro_batches, dp=self.dp,
                                               pp=args.pp, clip_grad=args.clip_grad, bf16=args.bf16)
-        self.schedule = LRSchedule(peak_lr=args.lr, style=args.lr_decay_style, warmup_steps=args.lr_warmup_iters,
-                                   decay_steps=args.lr_decay_iters or args.train_iters, min_lr=args.min_lr,
-                                   start_lr=args.lr_warmup_init, wsd_decay_fraction=args.lr_wsd_decay_fraction,
-                                   wsd_decay_shape=args.lr_wsd_decay_style)
+        self.schedule, self.handoff = build_schedule(args)
         multipliers = mup_lr_multipliers(self.chunks, self.start, args) if args.mup else None
         groups = parameter_groups(self.chunks, args.weight_decay, args.lr, multipliers)
         self.engine = initialize_engine(self.chunks, ds_config, groups, self.schedule, weight_decay=args.weight_decay,
@@ -195,7 +192,7 @@ class Run:
     def trainer_state(self) -> dict:
         return {"step": self.step, "consumed_samples": self.step * self.plan.global_batch_size,
                 "layout": self.layout, "model_config": self.start.config.to_dict(), "data": self.data_description,
-                "schedule": asdict(self.schedule), "start": self.start.description,
+                "schedule": asdict(self.schedule), "handoff": self.args.handoff, "start": self.start.description,
                 "seed": self.args.seed}
 
     def save(self) -> None:
@@ -235,7 +232,8 @@ class Run:
                            f"{cfg.num_layers}, {sum(p.numel() for c in self.chunks for p in c.parameters()):,} "
                            f"parameters on this rank; tp={args.tp} pp={args.pp} dp={self.dp}"
                            f"{f' vpp={args.vpp}' if args.vpp else ''}, global batch {self.plan.global_batch_size} "
-                           f"x {self.seq_length} tokens, {self.plan.num_micro_batches} micro-batches per rank")
+                           f"x {self.seq_length} tokens, {self.plan.num_micro_batches} micro-batches per rank; "
+                           f"{self.handoff}")
         peak = device_peak_tflops(args.peak_tflops)
         flops = flops_per_token(cfg, self.seq_length)
         symmetry_every = args.symmetry_interval or 10 * args.log_interval

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from hyperclone_dist.errors import HypercloneError
 
-STYLES = ("constant", "cosine", "linear", "wsd")
+STYLES = ("constant", "cosine", "linear", "wsd", "points")
 WSD_DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 
 
@@ -29,6 +29,7 @@ class LRSchedule:
     start_lr: float = 0.0  # LR at step 0 of the warmup (0: Megatron-LM's linear warmup from zero)
     wsd_decay_fraction: float = 0.1
     wsd_decay_shape: str = "1-sqrt"
+    points: tuple[tuple[int, float], ...] = ()  # style "points": (step, lr) pairs, linear in between
 
     def __post_init__(self):
         if self.style not in STYLES:
@@ -43,11 +44,19 @@ class LRSchedule:
         if self.style != "constant" and self.decay_steps and self.warmup_steps > self.decay_steps:
             raise HypercloneError(f"warmup ({self.warmup_steps} steps) is longer than the decay "
                                   f"({self.decay_steps} steps)")
+        if self.style == "points":
+            self.points = tuple((int(a), float(b)) for a, b in self.points)
+            steps = [a for a, _ in self.points]
+            if len(self.points) < 1 or steps != sorted(set(steps)) or any(b < 0 for _, b in self.points):
+                raise HypercloneError("an LR schedule of points needs increasing steps and LRs >= 0, e.g. "
+                                      "[[0, 0.001], [100, 0.0001]]")
         if not 0.0 <= self.wsd_decay_fraction <= 1.0:
             raise HypercloneError(f"wsd decay fraction {self.wsd_decay_fraction} must be in [0, 1]")
 
     def lr(self, step: int) -> float:
         """The LR used for the update of step ``step`` (0-based)."""
+        if self.style == "points":
+            return _interpolate(self.points, step)
         if step < self.warmup_steps:
             return self.start_lr + (self.peak_lr - self.start_lr) * (step + 1) / self.warmup_steps
         if self.style == "constant" or self.decay_steps == 0:
@@ -72,6 +81,15 @@ class LRSchedule:
         return self.lr(step) / self.peak_lr
 
     __call__ = factor  # LambdaLR's lr_lambda
+
+
+def _interpolate(points: tuple[tuple[int, float], ...], step: int) -> float:
+    if step <= points[0][0]:
+        return points[0][1]
+    for (s0, v0), (s1, v1) in zip(points, points[1:]):
+        if step <= s1:
+            return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+    return points[-1][1]
 
 
 def lr_scheduler(optimizer, schedule: LRSchedule):
