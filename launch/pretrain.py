@@ -39,6 +39,10 @@ def main() -> int:
     except HypercloneError as exc:
         if rank == "0":
             print(f"pretrain.py: error: {exc}", file=sys.stderr, flush=True)
+        else:
+            import time
+
+            time.sleep(2)  # the launcher stops every rank once one exits: let rank 0 print the line first
         return 2
     except KeyboardInterrupt:
         if rank == "0":

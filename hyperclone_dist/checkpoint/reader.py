@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -32,9 +33,12 @@ def torch_load(path: Path, mmap: bool = True) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        first = (f"it names {found.group(1)}" if found
+                 else (text.strip().splitlines()[0] if text.strip() else type(exc).__name__)[:160])
         raise HypercloneError(
-            f"refusing to load {path}: it is not a plain tensor checkpoint ({first[:160]}); "
+            f"refusing to load {path}: it is not a plain tensor checkpoint ({first}); "
             "nothing in it was executed") from None
     except _LOAD_ERRORS as exc:
         raise HypercloneError(f"cannot read {path}: corrupt or truncated ({_first_line(exc)})") from None

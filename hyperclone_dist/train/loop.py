@@ -63,6 +63,7 @@ class Run:
         self.resume_state = None
         if args.load and (Path(args.load) / "latest_checkpointed_iteration.txt").is_file():
             self.resume_state = latest_training_state(args.load)
+            self._check_requested_shape()
             if self.resume_state is None:  # a converted checkpoint: its model, fresh optimizer
                 args.init, args.clone_from, args.model_config = "load", None, None
         elif args.load and not (args.clone_from or args.model_config):
@@ -84,6 +85,29 @@ class Run:
 
         self.plan = batch_plan(args, self.dp, self.seq_length, args.pp, args.vpp)
         self.layout = {"tp": args.tp, "pp": args.pp, "vpp": args.vpp, "dp": self.dp}
+
+    def _check_requested_shape(self) -> None:
+        """With --load, the weights come from the checkpoint; a --clone-from/--model-config given too
+        must describe the same model, or the run would silently train something else than asked."""
+        import copy
+
+        from hyperclone_dist.config import ModelConfig
+        from hyperclone_dist.train.startup import checkpoint_config, resolve_start
+
+        args = self.args
+        if not (args.clone_from or args.model_config):
+            return
+        shape_only = copy.copy(args)
+        shape_only.init, shape_only.load = "random", None
+        requested = resolve_start(shape_only).config
+        if self.resume_state is not None:
+            saved = ModelConfig.from_dict(self.resume_state["model_config"])
+        else:
+            saved = checkpoint_config(Path(args.load))
+        if saved != requested:
+            raise HypercloneError(f"--load {args.load}: the checkpoint's model differs from this run's (hidden "
+                                  f"{saved.hidden_size} vs {requested.hidden_size}, layers {saved.num_layers} vs "
+                                  f"{requested.num_layers}, ffn {saved.ffn_hidden_size} vs {requested.ffn_hidden_size})")
 
     def setup_data(self) -> None:
         from megatron.core import parallel_state as ps
