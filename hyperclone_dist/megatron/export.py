@@ -37,8 +37,11 @@ def torch_dist_key(local_name: str) -> str:
 
 
 class MegatronSource:
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, key_prefix: str = ""):
+        """``key_prefix`` reads tensors saved under prefixed keys beside the model (the optimizer's moments,
+        train/moments.py), shaped and sharded like the parameters."""
         self.root = Path(root)
+        self.key_prefix = key_prefix
         it_dir = legacy.iteration_dir(self.root, read_iteration(self.root))
         self.format = "torch_dist" if (it_dir / "metadata.json").is_file() else "legacy"
         if self.format == "torch_dist":
@@ -110,7 +113,7 @@ class MegatronSource:
         shape = list(local_shape(self.config, self.layout, row, layer))
         if row.split == VOCAB:
             shape[0] = self.padded_vocab
-        key = torch_dist_key(local_name)
+        key = self.key_prefix + torch_dist_key(local_name)
         if layer is not None:
             shape.insert(0, 1)
         buffer = torch.empty(shape, dtype=torch.float32)

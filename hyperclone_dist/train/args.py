@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clone (default with --clone-from) or random: the same large shape, fresh weights")
     m.add_argument("--model-config", metavar="PATH",
                    help="JSON model description (configs/models/*.json) for --init random without --clone-from")
+    m.add_argument("--no-grow-optimizer-state", dest="grow_optimizer_state", action="store_false",
+                   help="with --clone-from a pretrain.py checkpoint holding Adam's moments: start the optimizer "
+                        "fresh instead of growing them")
     m.add_argument("--load", metavar="DIR", help="resume from a checkpoint written by --save (model, optimizer, "
                    "LR schedule, data position, RNG), or start from a converted megatron checkpoint")
     _growth_flags(p)
@@ -91,12 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="megatron indexed datasets (hyperclone data prepare), optionally weighted; "
                         "default: the embedded corpus (Python's standard library sources)")
     d.add_argument("--tokenizer-model", help="the sentencepiece .model the data was prepared with")
+    d.add_argument("--data-offset-steps", type=int, default=0, metavar="K",
+                   help="start at global batch K of the data: a clone can continue the small model's data stream "
+                        "instead of re-reading what it was trained on")
     d.add_argument("--split", default="949,50,1", help="train,valid,test shares of each dataset's documents")
     d.add_argument("--data-cache-path", default=None, help="index caches (default: beside --save or in .cache)")
 
     io = p.add_argument_group("checkpoints, evaluation and logging")
     io.add_argument("--save", metavar="DIR", help="checkpoint directory")
     io.add_argument("--save-interval", type=int, default=None, help="steps between checkpoints (default: at the end)")
+    io.add_argument("--no-save-moments", dest="save_moments", action="store_false",
+                    help="leave Adam's moments out of the torch_dist copy (they let a larger run clone this one "
+                         "with its optimizer state; they triple that copy's size)")
     io.add_argument("--exit-interval", type=int, default=None,
                     help="stop (after saving) once this step is reached: a planned interruption")
     io.add_argument("--eval-interval", type=int, default=None, help="steps between validation passes")
@@ -179,5 +188,7 @@ def validate(args: argparse.Namespace) -> None:
         raise HypercloneError("--data-path needs --tokenizer-model (the .model the data was prepared with)")
     if not args.mup_output_multiplier > 0:
         raise HypercloneError(f"--mup-output-multiplier must be > 0, got {args.mup_output_multiplier}")
+    if args.data_offset_steps < 0:
+        raise HypercloneError(f"--data-offset-steps must be >= 0, got {args.data_offset_steps}")
     if args.clip_grad < 0:
         raise HypercloneError(f"--clip-grad must be >= 0, got {args.clip_grad}")

@@ -74,7 +74,7 @@ def _deepspeed_safe_globals() -> list:
 
 
 def save_checkpoint(engine, chunks: list, save_dir: str | Path, step: int, trainer_state: dict,
-                    megatron_args, rng: dict | None = None) -> Path:
+                    megatron_args, rng: dict | None = None, moments: bool = True) -> Path:
     """Collective: every rank calls it. Returns the published DeepSpeed tag directory."""
     from megatron.core import dist_checkpointing
 
@@ -101,6 +101,11 @@ def save_checkpoint(engine, chunks: list, save_dir: str | Path, step: int, train
                            save_latest=False)
     state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_state_keys(chunks), chunks)}
     state.update(args=megatron_args, iteration=step, checkpoint_version=legacy.CHECKPOINT_VERSION)
+    if moments:  # Adam's moments beside the model: a later, larger run can grow them (train/moments.py)
+        from hyperclone_dist.train.moments import optimizer_step_count, sharded_moments
+
+        state["optimizer_moments"] = sharded_moments(engine, chunks)
+        megatron_args.hyperclone_optimizer_step = optimizer_step_count(engine)
     dist_checkpointing.save(state, str(it_tmp))
     dist.barrier()
     if rank == 0:

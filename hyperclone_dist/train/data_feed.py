@@ -85,9 +85,10 @@ def default_data(cache_root: Path, vocab_size: int) -> tuple[list[str], str]:
 
 
 class DataFeed:
-    def __init__(self, datasets, plan: BatchPlan, dp_rank: int, eval_iters: int):
+    def __init__(self, datasets, plan: BatchPlan, dp_rank: int, eval_iters: int, offset_steps: int = 0):
         self.train, self.valid = datasets.train, datasets.valid
         self.plan, self.dp_rank, self.eval_iters = plan, dp_rank, eval_iters
+        self.offset_steps = offset_steps  # global batches of the train split skipped before step 0
 
     def _micro_batches(self, dataset, step: int) -> list[dict]:
         from hyperclone_dist.data.loader import batch_at, data_parallel_slice
@@ -99,7 +100,7 @@ class DataFeed:
         return [{k: v[i:i + mbs] for k, v in batch.items()} for i in range(0, count, mbs)]
 
     def train_batches(self, step: int) -> list[dict]:
-        return self._micro_batches(self.train, step)
+        return self._micro_batches(self.train, step + self.offset_steps)
 
     def valid_batches(self, index: int) -> list[dict]:
         return self._micro_batches(self.valid, index)

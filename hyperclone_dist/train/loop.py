@@ -132,10 +132,10 @@ class Run:
                             sequence_length=self.seq_length, seed=args.seed)
         gbs = self.plan.global_batch_size
         valid = args.eval_iters * gbs if args.eval_interval else 0
-        datasets = build_datasets(config, args.train_iters * gbs, valid)
-        self.feed = DataFeed(datasets, self.plan, ps.get_data_parallel_rank(), args.eval_iters)
+        datasets = build_datasets(config, (args.train_iters + args.data_offset_steps) * gbs, valid)
+        self.feed = DataFeed(datasets, self.plan, ps.get_data_parallel_rank(), args.eval_iters, args.data_offset_steps)
         self.data_description = {"prefixes": list(prefixes), "weights": weights, "tokenizer": str(tokenizer),
-                                 "split": args.split}
+                                 "split": args.split, "offset_steps": args.data_offset_steps}
 
     def setup_model(self) -> None:
         from megatron.core import parallel_state as ps
@@ -199,6 +199,34 @@ class Run:
         from hyperclone_dist.train.checkpointing import use_safe_loader
 
         use_safe_loader(self.engine)
+        from hyperclone_dist.train.moments import prime_optimizer_state
+
+        prime_optimizer_state(self.engine)
+        self.moments_grown = False
+        if args.init == "clone" and args.grow_optimizer_state and self.resume_state is None:
+            self._grow_optimizer_state()
+
+    def _grow_optimizer_state(self) -> None:
+        """--clone-from a pretrain.py checkpoint that holds Adam's moments: continue its optimizer."""
+        from megatron.core import parallel_state as ps
+
+        from hyperclone_dist.megatron import torch_dist
+        from hyperclone_dist.megatron.legacy import iteration_dir
+        from hyperclone_dist.megatron.load import is_megatron_checkpoint, read_iteration
+        from hyperclone_dist.megatron.mapping import Layout
+        from hyperclone_dist.train.moments import grow_moments_into, has_moments
+        from hyperclone_dist.train.startup import _growth_spec
+
+        root = Path(self.args.clone_from)
+        if not (root.is_dir() and is_megatron_checkpoint(root) and has_moments(root)):
+            return
+        saved = torch_dist.read_args(iteration_dir(root, read_iteration(root)))
+        step = int(getattr(saved, "hyperclone_optimizer_step", 0))
+        grow_moments_into(self.engine, self.chunks, root, _growth_spec(self.args),
+                          Layout(tp=self.args.tp, pp=self.args.pp, vpp=self.args.vpp),
+                          ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), step)
+        self.moments_grown = True
+        self.start.description += f"; Adam moments grown from its optimizer (step {step})"
 
     def setup_resume(self) -> None:
         from hyperclone_dist.train.checkpointing import check_resumable, resume
@@ -230,7 +258,7 @@ class Run:
         args.padded_vocab_size = self.padded_vocab
         args.consumed_train_samples = self.step * self.plan.global_batch_size
         path = save_checkpoint(self.engine, self.chunks, self.args.save, self.step, self.trainer_state(), args,
-                               rng={"torch": torch.get_rng_state()})
+                               rng={"torch": torch.get_rng_state()}, moments=self.args.save_moments)
         self.monitor.print(f"saved {path} (step {self.step})")
 
     def evaluate(self) -> float | None:

@@ -30,6 +30,21 @@ def _growth_spec(args: argparse.Namespace):
     return growth_spec(args)
 
 
+def open_source(path: Path):
+    """A small model to grow from: small.pt, an HF directory, or a megatron checkpoint (converted, or
+    written by pretrain.py --save), each seen as canonical tensors."""
+    from hyperclone_dist.checkpoint.reader import SourceCheckpoint
+    from hyperclone_dist.megatron.load import is_megatron_checkpoint
+
+    if path.is_dir() and is_megatron_checkpoint(path):
+        from hyperclone_dist.megatron.export import MegatronSource
+
+        source = MegatronSource(path)
+        source.get_rows = None
+        return source
+    return SourceCheckpoint(path)
+
+
 def _config_from_path(path: Path) -> ModelConfig:
     if path.suffix == ".json" and path.is_file():
         try:
@@ -39,9 +54,7 @@ def _config_from_path(path: Path) -> ModelConfig:
         if not isinstance(data, dict):
             raise HypercloneError(f"model config {path} does not hold a JSON object")
         return ModelConfig.from_dict(data)
-    from hyperclone_dist.checkpoint.reader import SourceCheckpoint
-
-    return SourceCheckpoint(path).config
+    return open_source(path).config
 
 
 def resolve_start(args: argparse.Namespace) -> StartPoint:
@@ -52,7 +65,7 @@ def resolve_start(args: argparse.Namespace) -> StartPoint:
 
     spec = _growth_spec(args)
     if args.init == "clone" and args.clone_from:
-        source = SourceCheckpoint(Path(args.clone_from))
+        source = open_source(Path(args.clone_from))
         grower = Grower(source.config, spec, source.get, source.get_rows)
         check_representable(grower.large)
         what = f"cloned from {args.clone_from} ({spec.method}, width x{spec.n}, ffn x{spec.m})"

@@ -1,0 +1,154 @@
+"""Adam's moments as tensors shaped like the parameters: saved beside the model in torch_dist (so they
+reshard like it) and grown with it, so a clone continues the small model's optimizer instead of
+restarting it.
+
+Growth rule: a moment must scale like its parameter's *gradient*, so that the grown Adam update
+m / sqrt(v) of every copy equals the small model's. In a HyperCloning clone every hidden (and FFN)
+activation is held n times and its consumers divide by n, so the gradient of a parameter whose output is
+such an activation is divided by n (m: /n, v: /n^2). For most matrices that is their weight's own rule;
+the exceptions are the head (weight divided, gradient not: its output is the logits) and the vectors and
+embedding rows that write hidden activations (weight copied, gradient divided). Inserted identity blocks
+start with zero moments. Noise is never added. Each rank builds only its own slice, as for the weights.
+
+DeepSpeed keeps the moments flattened and partitioned over data parallel; ``safe_get_full_optimizer_state``
+/ ``safe_set_full_optimizer_state`` (deepspeed.utils) gather and scatter one parameter's state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from hyperclone_dist.errors import HypercloneError
+
+KEYS = ("exp_avg", "exp_avg_sq")
+PREFIX = "optimizer."  # torch_dist key of a moment: optimizer.<exp_avg|exp_avg_sq>.<the parameter's key>
+
+
+def sharded_moments(engine, chunks: list) -> dict:
+    """Collective over data parallel: every parameter's two moments as megatron sharded tensors keyed
+    like the parameter (same global shape, offsets and replica ids)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    relink_optimizer_state(engine)
+    out = {}
+    for index, chunk in enumerate(chunks):
+        sharded = chunk.sharded_state_dict()
+        for name, param in chunk.named_parameters():
+            entry = sharded.get(name)
+            if entry is None or not hasattr(entry, "key"):
+                continue
+            for key in KEYS:
+                state = safe_get_full_optimizer_state(param, key)
+                if state is None:
+                    raise HypercloneError(f"the optimizer holds no {key} for {name}")
+                out[f"{PREFIX}{key}.{index}.{name}"] = dataclasses.replace(
+                    entry, key=f"{PREFIX}{key}.{entry.key}", data=state.float().reshape(param.shape))
+    return out
+
+
+def optimizer_step_count(engine) -> int:
+    for state in engine.optimizer.optimizer.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def has_moments(root: Path) -> bool:
+    from hyperclone_dist.megatron.legacy import iteration_dir
+    from hyperclone_dist.megatron.load import read_iteration
+
+    try:
+        it_dir = iteration_dir(root, read_iteration(root))
+    except HypercloneError:
+        return False
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(it_dir)).read_metadata()
+    return any(k.startswith(PREFIX + "exp_avg.") for k in metadata.state_dict_metadata)
+
+
+def gradient_over_weight_scale(grower, name: str) -> float:
+    """(scale of the grown gradient) / (scale the weight's growth rule applies), per canonical tensor."""
+    from hyperclone_dist.growth.rules import rule_for
+
+    rule = rule_for(name)
+    factors = grower.factors(name)
+    output_axis = 1 if name in ("embed.weight", "pos_embed.weight") else 0  # an embedding row is the output
+    gradient = 1.0 / factors[output_axis]
+    weight = 1.0 / factors[-1] if rule.divide else 1.0
+    return gradient / weight
+
+
+def grow_moments_into(engine, chunks: list, small_root: Path, spec, layout, tp_rank: int, pp_rank: int,
+                      step: int) -> None:
+    """Set every local parameter's Adam moments to its slice of the grown small-model moments, and the
+    optimizer's step count to the small model's."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    relink_optimizer_state(engine)
+
+    from hyperclone_dist.growth.grow import Grower
+    from hyperclone_dist.megatron.export import MegatronSource
+    from hyperclone_dist.megatron.mapping import chunk_params, local_tensor
+
+    plain = dataclasses.replace(spec, method="symmetric")  # moments are grown without noise
+    first = MegatronSource(small_root, key_prefix=f"{PREFIX}exp_avg.")
+    second = MegatronSource(small_root, key_prefix=f"{PREFIX}exp_avg_sq.")
+    grow_m = Grower(first.config, plain, first.get)
+    grow_root_v = Grower(second.config, plain, lambda name: second.get(name).clamp(min=0).sqrt())
+
+    def moment_slice(grower):
+        def slice_fn(name, index):
+            _, source = grower.source_of(name)
+            grown = grower.slice(name, index)
+            if source is not None and source.identity:
+                return torch.zeros_like(grown)
+            return grown * gradient_over_weight_scale(grower, name)
+        return slice_fn
+
+    cfg = grow_m.large
+    for chunk_index, chunk in enumerate(chunks):
+        params = dict(chunk.named_parameters())
+        for name, row, layer in chunk_params(cfg, layout, pp_rank, chunk_index):
+            param = params[name]
+            m = local_tensor(cfg, layout, row, layer, tp_rank, moment_slice(grow_m))
+            v = local_tensor(cfg, layout, row, layer, tp_rank, moment_slice(grow_root_v)) ** 2
+            safe_set_full_optimizer_state(param, m.to(torch.float32).reshape(param.shape), "exp_avg")
+            safe_set_full_optimizer_state(param, v.to(torch.float32).reshape(param.shape), "exp_avg_sq")
+    for state in engine.optimizer.optimizer.state.values():
+        if "step" in state:
+            state["step"] = torch.tensor(float(step)) if torch.is_tensor(state["step"]) else step
+
+
+def prime_optimizer_state(engine) -> None:
+    """Create AdamW's state (zero moments, step 0) for every flat fp32 partition before the first step,
+    and link DeepSpeed's per-parameter views to it.
+
+    DeepSpeed links those views lazily, after the first parameter group has stepped; with more than one
+    group (we always have two: decayed and not) the later groups' state does not exist yet then, and their
+    moments can never be read or set per parameter. Torch's AdamW creates exactly this state on its first
+    step, so training is unchanged."""
+    optimizer = getattr(engine, "optimizer", None)
+    base = getattr(optimizer, "optimizer", None)
+    if base is None or not hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        return
+    for group in base.param_groups:
+        for flat in group["params"]:
+            state = base.state[flat]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+    relink_optimizer_state(engine)
+
+
+def relink_optimizer_state(engine) -> None:
+    """Point DeepSpeed's per-parameter views at the optimizer's current state tensors (a checkpoint load
+    replaces those tensors and leaves the views unset)."""
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
