@@ -47,7 +47,20 @@ ARMS = {
     "depth": ["--insert-layers", "every:2"],
     "width+depth": ["--width-factor", "2", "--method", "noisy", "--insert-layers", "every:2"],
     "small-continued": ["--width-factor", "1"],
+    # hand-off arms: a short warmup to a lower peak (3x the small model's final LR) instead of a re-warmup
+    "noisy low-peak": ["--width-factor", "2", "--method", "noisy", "--snr-db", "10", "--handoff", "low-peak",
+                       "--handoff-peak-factor", "3", "--lr-warmup-iters", "10"],
+    "small-continued low-peak": ["--width-factor", "1", "--handoff", "low-peak", "--handoff-peak-factor", "3",
+                                 "--lr-warmup-iters", "10"],
+    # continue the small model's optimizer (Adam moments grown with the weights, step count carried), no
+    # re-warmup, on the data the small model has not seen yet
+    "noisy grown-adam": ["--clone-from", "{small_ckpt}", "--width-factor", "2", "--method", "noisy",
+                         "--snr-db", "10", "--handoff", "no-rewarmup", "--lr", "1e-3", "--data-offset-steps",
+                         "{small_steps}"],
+    "small-continued grown-adam": ["--clone-from", "{small_ckpt}", "--width-factor", "1", "--handoff",
+                                   "no-rewarmup", "--lr", "1e-3", "--data-offset-steps", "{small_steps}"],
 }
+NEEDS_MOMENTS = {arm for arm, flags in ARMS.items() if "{small_ckpt}" in flags}
 
 
 def pretrain(flags: list, env: dict, log: Path) -> None:
@@ -91,7 +104,13 @@ def main() -> int:
               "--clip-grad", "1.0", "--log-interval", "25", *data]
     started = time.time()
     small = Path(args.small) if args.small else out / "small.pt"
-    if not args.small and not small.is_file():
+    from hyperclone_dist.train.moments import has_moments
+
+    wants_moments = bool(NEEDS_MOMENTS & set(args.arms)) and not has_moments(out / "small")
+    if args.small and wants_moments:
+        raise SystemExit("compare_inits: the grown-adam arms need the small model's pretrain.py checkpoint "
+                         "(with its Adam moments); leave out --small or those arms")
+    if not args.small and (not small.is_file() or wants_moments):
         print(f"training the small model ({args.small_steps} steps) ...", flush=True)
         pretrain(["--init", "random", "--model-config", "configs/models/llama-tiny.json", "--train-iters",
                   args.small_steps, "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "40", *common,
@@ -101,13 +120,15 @@ def main() -> int:
     jobs = []
     for seed in args.seeds:
         for arm in args.arms:
-            run_dir = out / f"{arm}-seed{seed}"
+            run_dir = out / f"{arm.replace(' ', '_')}-seed{seed}"
             if (run_dir / "done").is_file():
                 continue
-            flags = ["--clone-from", small, *ARMS[arm], "--train-iters", args.steps, "--lr", args.lr,
-                     "--min-lr", args.lr / 10, "--lr-warmup-iters", args.warmup, *common, "--seed", seed,
-                     "--metrics-file", run_dir / "metrics.jsonl", "--symmetry-interval", args.eval_interval]
+            arm_flags = [str(f).format(small_ckpt=out / "small", small_steps=args.small_steps) for f in ARMS[arm]]
+            flags = ["--clone-from", small, "--train-iters", args.steps, "--lr", args.lr, "--min-lr", args.lr / 10,
+                     "--lr-warmup-iters", args.warmup, *common, "--seed", seed, "--metrics-file",
+                     run_dir / "metrics.jsonl", "--symmetry-interval", args.eval_interval, *arm_flags]
             jobs.append((arm, seed, run_dir, flags))
+    jobs.sort(key=lambda job: job[1])  # seed by seed: a partial run already has whole seeds to report
 
     def work(job):
         arm, seed, run_dir, flags = job
@@ -131,67 +152,95 @@ def _spread(values: list[float]) -> str:
     return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
 
 
-def report(args, out: Path, small: Path) -> None:
-    curves = {arm: [read_curve(out / f"{arm}-seed{s}" / "metrics.jsonl", label=arm) for s in args.seeds]
-              for arm in args.arms}
-    targets = {s: curves["random"][i].final for i, s in enumerate(args.seeds)} if "random" in curves else None
-    small_state = json.loads(next((out / "small").glob("global_step*/trainer_state.json")).read_text()) \
-        if (out / "small").is_dir() else None
-    small_flops = large_flops = None
-    small_steps = small_state["step"] if small_state else None
-    if small_steps:
-        small_flops = flops_per_token(small, 128)
-        from hyperclone_dist.growth.grow import Grower
-        from hyperclone_dist.growth.spec import GrowthSpec
-        from hyperclone_dist.checkpoint.reader import SourceCheckpoint
-        from hyperclone_dist.train.monitor import flops_per_token as fpt
+def _run_dir(out: Path, arm: str, seed: int) -> Path:
+    return out / f"{arm.replace(' ', '_')}-seed{seed}"
 
-        large_flops = fpt(Grower(SourceCheckpoint(small).config, GrowthSpec(width_factor=2), lambda n: None).large, 128)
+
+def _steps(values: list[int | None]) -> str:
+    reached = [v for v in values if v is not None]
+    if not reached:
+        return "never"
+    text = _spread([float(v) for v in reached]).replace(".000", "")
+    if all(v == 0 for v in reached):
+        text = "0 (starts below)"
+    return text if len(reached) == len(values) else f"{text} ({len(reached)}/{len(values)})"
+
+
+def report(args, out: Path, small: Path) -> None:
+    arms = [a for a in args.arms if all((_run_dir(out, a, s) / "done").is_file() for s in args.seeds)]
+    curves = {arm: [read_curve(_run_dir(out, arm, s) / "metrics.jsonl", label=arm) for s in args.seeds]
+              for arm in arms}
+    baseline = {s: curves["random"][i].final for i, s in enumerate(args.seeds)}
+    control = {s: curves["small-continued"][i].final for i, s in enumerate(args.seeds)} \
+        if "small-continued" in curves else None
+    small_state = json.loads(next((out / "small").glob("global_step*/trainer_state.json")).read_text())
+    from hyperclone_dist.checkpoint.reader import SourceCheckpoint
+    from hyperclone_dist.growth.grow import Grower
+    from hyperclone_dist.growth.spec import GrowthSpec
+    from hyperclone_dist.train.monitor import flops_per_token as fpt
+
+    small_cfg = SourceCheckpoint(small).config
+    charge = small_state["step"] * fpt(small_cfg, 128) / fpt(
+        Grower(small_cfg, GrowthSpec(width_factor=2), lambda n: None).large, 128)  # in large-model steps
     rows = []
     for arm, runs in curves.items():
-        finals = [c.final for c in runs]
-        start = [c.losses[0] for c in runs]
+        reach = [steps_to_reach(c, baseline[s]) for c, s in zip(runs, args.seeds)]
+        reach_control = [steps_to_reach(c, control[s]) for c, s in zip(runs, args.seeds)] if control else []
+        vs_control = [c.final - control[s] for c, s in zip(runs, args.seeds)] if control else []
         rise = [max(0.0, (max(c.losses) - c.losses[0]) / c.losses[0]) for c in runs]
-        reach = [steps_to_reach(c, targets[s]) for c, s in zip(runs, args.seeds)] if targets else []
         reached = [r for r in reach if r is not None]
-        speedup = [args.steps / max(r, 1) for r in reached]
-        all_in = []
-        if small_flops and reached:
-            charge = small_steps * small_flops / large_flops  # small-model steps in large-step units
-            all_in = [args.steps / (r + charge) for r in reached] if arm != "random" else []
+        if arm == "random":
+            speed, all_in = "1", "—"
+        elif reached and all(r == 0 for r in reached):
+            speed = "starts below"
+            all_in = f"{args.steps / charge:.2f}"  # the whole cost is the small model's training
+        elif reached:
+            speed = _spread([args.steps / r for r in reached])
+            all_in = _spread([args.steps / (r + charge) for r in reached])
+        else:
+            speed = all_in = "—"
         sym = []
         for s in args.seeds:
-            lines = [json.loads(line) for line in (out / f"{arm}-seed{s}" / "metrics.jsonl").read_text().splitlines()]
-            cos = [line["symmetry/min_cosine"] for line in lines if "symmetry/min_cosine" in line]
+            lines = (_run_dir(out, arm, s) / "metrics.jsonl").read_text().splitlines()
+            cos = [json.loads(line)["symmetry/min_cosine"] for line in lines if "symmetry/min_cosine" in line]
             if cos:
                 sym.append(cos[-1])
-        rows.append((arm, _spread(start), _spread(finals), f"{len(reached)}/{len(runs)}",
-                     _spread([float(r) for r in reached]), _spread(speedup),
-                     _spread(all_in) if arm != "random" else "—", _spread(rise), _spread(sym) if sym else "—"))
-    mean_curves = []
-    for arm, runs in curves.items():
-        steps = runs[0].steps
-        mean_curves.append(Curve(arm, steps, [statistics.mean(c.losses[i] for c in runs) for i in range(len(steps))]))
-    target = statistics.mean(targets.values()) if targets else None
+        rows.append((arm, _spread([c.losses[0] for c in runs]), _spread([c.final for c in runs]),
+                     _spread(vs_control) if vs_control else "—", _steps(reach), speed, all_in,
+                     _steps(reach_control) if control else "—", f"{100 * max(rise):.1f}%",
+                     _spread(sym) if sym else "—"))
+    mean_curves = [Curve(arm, runs[0].steps, [statistics.mean(c.losses[i] for c in runs)
+                                              for i in range(len(runs[0].steps))]) for arm, runs in curves.items()]
+    target = statistics.mean(baseline.values())
     png = plot_curves(mean_curves, REPO / "docs" / "figures" / "compare_inits.png",
                       f"every init, mean of {len(args.seeds)} seeds (CPU, d=64 -> 128)",
-                      hline=(target, "random baseline's final loss") if target else None)
-    header = ("| arm | valid loss at step 0 | final valid loss | reached target | steps to target | speedup "
-              "(large steps) | speedup (all-in) | worst rise above step 0 | final min cosine of copies |")
-    lines = [header, "|" + "---|" * 9]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    text = "\n".join(lines)
-    results = REPO / args.results
+                      hline=(target, "random baseline's final loss"))
+    header = ("| arm | valid loss, step 0 | final valid loss | final − control | steps to baseline's final | "
+              "speedup (large steps) | speedup (all-in) | steps to control's final | worst rise | "
+              "min cosine of copies |")
+    table = "\n".join([header, "|" + "---|" * 10] + ["| " + " | ".join(row) + " |" for row in rows])
     body = (f"## Every init on the same budget (`recipes/compare_inits`)\n\nRun on {time.strftime('%Y-%m-%d')}, "
-            f"2-core CPU, float32. Small model: Llama-style d=64, 4 layers, vocab 512, trained {small_steps} steps; "
-            f"large arms d=128 (x2 width), {args.steps} steps each, peak LR {args.lr}, warmup {args.warmup}, cosine "
-            f"to LR/10, global batch 16 x 128 tokens; seeds {args.seeds} (data order and growth noise). Target: "
-            f"each seed's random baseline's final validation loss (mean {target:.3f}). Spread: ± one standard "
-            f"deviation over seeds. All-in speedup charges the small model's training at its FLOPs per token.\n\n"
-            f"```bash\n.venv/bin/python recipes/compare_inits/compare_inits.py --seeds {' '.join(map(str, args.seeds))} "
-            f"--steps {args.steps}\n```\n\n{text}\n\n![mean validation loss per arm](figures/{png.name})\n")
-    results.write_text("# Results\n\n" + body)
-    print(text)
+            f"2-core CPU, float32, embedded corpus (90/10 split by documents). Small model: Llama-style d=64, "
+            f"4 layers, vocab 512, trained {small_state['step']} steps (peak LR 3e-3, cosine to 3e-4); every large "
+            f"arm: d=128 (x2 width) unless named, {args.steps} steps, peak LR {args.lr}, warmup {args.warmup}, cosine "
+            f"to LR/10 (hand-off arms override the schedule), global batch 16 x 128 tokens; seeds {args.seeds} "
+            f"(data order and growth noise). Mean ± standard deviation over seeds. 'control' is small-continued: the "
+            f"small model trained on for the same steps and schedule. 'final − control' is paired per seed. "
+            f"All-in speedup charges the small model's {small_state['step']} steps at its FLOPs per token "
+            f"(= {charge:.0f} large-model steps). Worst rise: the largest validation loss above step 0, over seeds.\n\n"
+            f"```bash\n.venv/bin/python recipes/compare_inits/compare_inits.py --seeds "
+            f"{' '.join(map(str, args.seeds))} --steps {args.steps}\n```\n\n{table}\n\n"
+            f"![mean validation loss per arm](figures/{png.name})\n")
+    results = REPO / args.results
+    existing = results.read_text() if results.is_file() else "# Results\n"
+    marker = "## Every init on the same budget"
+    head = existing.split(marker)[0].rstrip() + "\n\n" if marker in existing else existing.rstrip() + "\n\n"
+    tail = ""
+    if marker in existing:
+        rest = existing.split(marker, 1)[1]
+        tail = ("\n## " + rest.split("\n## ", 1)[1]) if "\n## " in rest else ""
+    results.write_text(head + body + tail)
+    print(table)
     print(f"wrote {results} and {png}")
 
 
