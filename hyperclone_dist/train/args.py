@@ -8,7 +8,6 @@ before any collective starts.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from hyperclone_dist.errors import HypercloneError
@@ -128,15 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    from hyperclone_dist.jsonfile import read_json_object
+
     file = Path(path)
-    if not file.is_file():
-        raise HypercloneError(f"--config {file} does not exist")
-    try:
-        values = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise HypercloneError(f"cannot parse --config {file}: {exc}") from None
-    if not isinstance(values, dict):
-        raise HypercloneError(f"--config {file} must hold a JSON object of flag values")
+    values = read_json_object(file, "--config")
     known = {a.dest for a in parser._actions}
     aliases = {s.lstrip("-").replace("-", "_"): a.dest for a in parser._actions for s in a.option_strings}
     out = {}

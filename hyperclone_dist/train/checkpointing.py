@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from hyperclone_dist.checkpoint.atomic import publish
 from hyperclone_dist.errors import HypercloneError
 
 DS_TAG_FILE = "latest"
@@ -36,16 +37,6 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def use_safe_loader(engine) -> None:
@@ -110,8 +101,8 @@ def save_checkpoint(engine, chunks: list, save_dir: str | Path, step: int, train
     dist.barrier()
     if rank == 0:
         (ds_tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
-        _replace_dir(ds_tmp, root / tag)
-        _replace_dir(it_tmp, root / it_name)
+        publish(ds_tmp, root / tag)
+        publish(it_tmp, root / it_name)
         _write_atomic(root / DS_TAG_FILE, tag)
         _write_atomic(root / legacy.TRACKER, f"{step}\n")  # the completion marker, last
     dist.barrier()

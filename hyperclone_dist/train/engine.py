@@ -8,9 +8,7 @@ the model (TP layers) and the pipeline schedule (see step.py for how the two mee
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -25,16 +23,9 @@ _OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "trai
 def read_deepspeed_config(path: str | Path | None) -> dict:
     if path is None:
         return {"zero_optimization": {"stage": 0}}
-    path = Path(path)
-    if not path.is_file():
-        raise HypercloneError(f"DeepSpeed config {path} does not exist")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise HypercloneError(f"cannot parse DeepSpeed config {path}: {exc}") from None
-    if not isinstance(config, dict):
-        raise HypercloneError(f"DeepSpeed config {path} is not a JSON object")
-    return config
+    from hyperclone_dist.jsonfile import read_json_object
+
+    return read_json_object(path, "DeepSpeed config")
 
 
 def zero_stage(config: dict) -> int:

@@ -69,5 +69,5 @@ def build_schedule(args: argparse.Namespace) -> tuple[LRSchedule, str]:
         raise HypercloneError(f"the hand-off peak {peak:g} is below --min-lr {args.min_lr:g}")
     schedule = LRSchedule(peak_lr=peak, warmup_steps=args.lr_warmup_iters, start_lr=args.lr_warmup_init or
                           (final or 0.0), **common)
-    source = f"small model's final LR {final:g} x {args.handoff_peak_factor:g}" if final else f"--lr x 0.5"
+    source = f"small model's final LR {final:g} x {args.handoff_peak_factor:g}" if final else "--lr x 0.5"
     return schedule, f"hand-off: low peak {peak:g} ({source}) after {args.lr_warmup_iters} warmup steps"

@@ -5,7 +5,6 @@ slice function that any rank can ask for exactly the rows/columns it owns."""
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,18 +46,13 @@ def open_source(path: Path):
 
 def _config_from_path(path: Path) -> ModelConfig:
     if path.suffix == ".json" and path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise HypercloneError(f"cannot parse model config {path}: {exc}") from None
-        if not isinstance(data, dict):
-            raise HypercloneError(f"model config {path} does not hold a JSON object")
-        return ModelConfig.from_dict(data)
+        from hyperclone_dist.jsonfile import read_json_object
+
+        return ModelConfig.from_dict(read_json_object(path, "model config"))
     return open_source(path).config
 
 
 def resolve_start(args: argparse.Namespace) -> StartPoint:
-    from hyperclone_dist.checkpoint.reader import SourceCheckpoint
     from hyperclone_dist.growth.grow import Grower
     from hyperclone_dist.megatron.model import check_representable
     from hyperclone_dist.train.init_weights import random_init
