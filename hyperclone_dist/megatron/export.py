@@ -151,22 +151,19 @@ EXPORT_FORMATS = ("hf", "small.pt")
 @torch.inference_mode()
 def training_meta(ckpt: Path) -> dict:
     """What a later run's hand-off schedule needs from a training checkpoint written by pretrain.py: the
-    steps taken and the LR of its last update (empty for a converted checkpoint)."""
-    import json
+    steps taken and the LR of its last update (empty for a converted checkpoint or an unreadable state)."""
+    from hyperclone_dist.train.checkpointing import latest_training_state
+    from hyperclone_dist.train.schedules import LRSchedule
 
-    tag_file = ckpt / "latest"
-    state_file = ckpt / tag_file.read_text().strip() / "trainer_state.json" if tag_file.is_file() else None
-    if state_file is None or not state_file.is_file():
-        return {}
     try:
-        state = json.loads(state_file.read_text())
-        from hyperclone_dist.train.schedules import LRSchedule
-
+        state = latest_training_state(ckpt)
+        if state is None:
+            return {}
         schedule = LRSchedule(**state["schedule"])
         step = int(state["step"])
-        return {"train_steps": step, "final_lr": schedule.lr(max(0, step - 1)), "peak_lr": schedule.peak_lr}
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+    except (HypercloneError, ValueError, KeyError, TypeError):
         return {}
+    return {"train_steps": step, "final_lr": schedule.lr(max(0, step - 1)), "peak_lr": schedule.peak_lr}
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "hf", dtype: torch.dtype = torch.float32,

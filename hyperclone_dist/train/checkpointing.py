@@ -120,10 +120,9 @@ def latest_training_state(load_dir: str | Path) -> dict | None:
     state_file = root / tag / STATE_FILE
     if not state_file.is_file():
         raise HypercloneError(f"--load {root}: {tag} has no {STATE_FILE}; the checkpoint is incomplete")
-    try:
-        state = json.loads(state_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise HypercloneError(f"--load {root}: corrupt {state_file.name} ({exc})") from None
+    from hyperclone_dist.jsonfile import read_json_object
+
+    state = read_json_object(state_file, f"--load {root}: trainer state")
     state["tag"] = tag
     return state
 
