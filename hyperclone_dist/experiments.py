@@ -65,3 +65,18 @@ def plot_curves(curves: list[Curve], out: str | Path, title: str, ylabel: str = 
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def write_section(doc: str | Path, heading: str, body: str) -> Path:
+    """Put ``body`` (which starts with ``heading``, a ``## ...`` line) into the markdown file ``doc`` in place
+    of the section with that heading, or at the end: each recipe owns one section of docs/results.md."""
+    path = Path(doc)
+    text = path.read_text() if path.is_file() else "# Results\n"
+    if heading in text:
+        before, rest = text.split(heading, 1)
+        after = ("\n## " + rest.split("\n## ", 1)[1]) if "\n## " in rest else ""
+    else:
+        before, after = text.rstrip() + "\n\n", ""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(before.rstrip() + "\n\n" + body.rstrip() + "\n" + after)
+    return path

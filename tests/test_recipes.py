@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.parent for p in (REPO / "recipes").glob("*/train.json"))
-GPUS = {"llama-1b-to-4b": 16, "llama-3b-to-12b": 32, "llama-7b-to-26b": 64}
+GPUS = {"gpu-100m-to-350m": 1, "llama-1b-to-4b": 16, "llama-3b-to-12b": 32, "llama-7b-to-26b": 64}
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
@@ -83,3 +83,26 @@ def test_impossible_layout_fails_clearly(flags, reason):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("pretrain.py: error:")]
     assert len(errors) == 1 and reason in errors[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_gpu_recipe_pipeline_runs_on_cpu(tmp_path):
+    """The GPU recipe's whole pipeline with a tiny model: tokenizer, corpus, a bf16 small model saved with
+    its Adam moments, the baseline and the grown-Adam clone, the report section and its figure."""
+    results = tmp_path / "results.md"
+    results.write_text("# Results\n\n## Other section\n\nkept\n")
+    env = {**ENV, "OMP_NUM_THREADS": "1", "HYPERCLONE_CACHE": str(REPO / ".cache" / "hyperclone")}
+    proc = subprocess.run([sys.executable, "recipes/gpu-100m-to-350m/run.py", "--smoke", "--out", str(tmp_path / "run"),
+                           "--arms", "random", "noisy grown-adam mup", "--results", str(results)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = results.read_text()
+    assert "## Other section\n\nkept" in text and "## GPU: ~100M grown to ~350M" in text
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines()
+            if line.startswith("| random") or line.startswith("| noisy grown-adam mup")}
+    assert set(rows) == {"random", "noisy grown-adam mup"}
+    small_final = json.loads((tmp_path / "run/small/metrics.jsonl").read_text().splitlines()[-1])["valid/loss"]
+    # the clone starts where the small (bf16) model ended: its step-0 loss is the small model's final one
+    assert abs(float(rows["noisy grown-adam mup"][1]) - small_final) < 0.02
+    assert float(rows["random"][1]) > small_final + 0.1
+    assert (tmp_path / "run" / "loss_curves.png").stat().st_size > 10_000

@@ -44,8 +44,10 @@ def sharded_moments(engine, chunks: list) -> dict:
                 state = safe_get_full_optimizer_state(param, key)
                 if state is None:
                     raise HypercloneError(f"the optimizer holds no {key} for {name}")
-                out[f"{PREFIX}{key}.{index}.{name}"] = dataclasses.replace(
-                    entry, key=f"{PREFIX}{key}.{entry.key}", data=state.float().reshape(param.shape))
+                changes = dict(key=f"{PREFIX}{key}.{entry.key}", data=state.float().reshape(param.shape))
+                if any(field.name == "dtype" for field in dataclasses.fields(entry)):
+                    changes["dtype"] = torch.float32  # moments are fp32 even where the weights are bf16
+                out[f"{PREFIX}{key}.{index}.{name}"] = dataclasses.replace(entry, **changes)
     return out
 
 
