@@ -59,3 +59,21 @@ def test_noisy_clone_breaks_symmetry(tiny_model_dirs, optimizer_cls):
     params = dict(model.named_parameters())
     for name in WATCHED:
         assert copy_gap(params[name].detach()) > 1e-3, name
+
+
+def test_per_layer_snr_goes_from_first_to_last_layer_and_keeps_the_function(tiny_model_dirs):
+    """--snr-db-last: the noise power of each layer follows the SNR line in dB, and the clone still
+    computes the small model's function."""
+    from growth_helpers import max_rel_logit_error
+
+    path = tiny_model_dirs["llama-gqa2"]
+    symmetric, _ = grow_in_memory(path, GrowthSpec(2, method="symmetric"))
+    for first, last in ((5.0, 25.0), (25.0, 5.0)):
+        noisy, model = grow_in_memory(path, GrowthSpec(2, method="noisy", snr_db=first, snr_db_last=last))
+        assert max_rel_logit_error(path, model) <= 1e-5
+        measured = []
+        for layer in (0, noisy.large.num_layers - 1):
+            name = next(n for n in noisy.names() if n.startswith(f"layers.{layer}.") and "up" in n)
+            signal, noise = symmetric.full(name), noisy.full(name) - symmetric.full(name)
+            measured.append(10 * torch.log10(signal.pow(2).mean() / noise.pow(2).mean()).item())
+        assert measured == pytest.approx([first, last], abs=1.0), measured

@@ -150,9 +150,18 @@ class Grower:
         small_name, _ = self.source_of(name)
         if small_name not in self._mean_squares:
             self._mean_squares[small_name] = mean_square(w)
-        std = math.sqrt(self._mean_squares[small_name] / divisor**2 / 10 ** (self.spec.snr_db / 10))
+        std = math.sqrt(self._mean_squares[small_name] / divisor**2 / 10 ** (self.snr_db(name) / 10))
         key = field_key(self.spec.seed, name, tag)
         return noise_rows(key, range(*rows), w.shape[1], slice(*cols), w.dtype) * std
+
+    def snr_db(self, name: str) -> float:
+        """The SNR of ``name``'s noise: --snr-db, or per layer from --snr-db at the first grown layer to
+        --snr-db-last at the last (straight in dB); tensors outside the layer stack keep --snr-db."""
+        first, last = self.spec.snr_db, self.spec.snr_db_last
+        layer = layer_of(name)
+        if last is None or layer is None or self.large.num_layers == 1:
+            return first
+        return first + (last - first) * layer / (self.large.num_layers - 1)
 
     # ---- muP warmstart --------------------------------------------------------------------------
     def init_std(self, name: str) -> float:

@@ -15,6 +15,7 @@ class GrowthSpec:
     ffn_factor: int | None = None  # m: MLP inner width xm; None -> n (keeps the model's d:ffn ratio)
     method: str = "symmetric"  # one of METHODS
     snr_db: float = 10.0  # noisy variants: signal-to-noise ratio of each noised block, in dB
+    snr_db_last: float | None = None  # noisy: the last layer's SNR, layers between interpolated in dB
     shrink: float = 0.5  # warmstart: lambda, the factor on the zero-padded small weights
     perturb: float = 1.0  # warmstart: sigma, the factor on the target width's muP init
     insert_layers: str | None = None  # identity depth growth, see parse_insert_spec
