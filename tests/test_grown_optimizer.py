@@ -90,3 +90,24 @@ def test_grown_moments_continue_the_small_models_step(small_runs, tmp_path, npro
         fresh = first_step_cosines(small_runs, tmp_path / "fresh", nproc, layout, "--no-grow-optimizer-state")
         print(f"fresh optimizer: mean cosine {sum(fresh.values()) / len(fresh):.3f}, worst {min(fresh.values()):.3f}")
         assert sum(fresh.values()) / len(fresh) < 0.99
+
+
+def _train_losses(metrics: Path) -> dict[int, float]:
+    import json
+
+    return {r["step"]: r["train/loss"] for r in map(json.loads, metrics.read_text().splitlines()) if "train/loss" in r}
+
+
+def test_grown_run_resumes_deterministically(small_runs, tmp_path):
+    """A clone continuing the small model's optimizer, stopped after 2 steps and resumed with --load,
+    takes steps 3-4 exactly as the uninterrupted run does (moments and step count come from its own
+    checkpoint on resume, not from the small model again)."""
+    flags = ["--clone-from", small_runs / "s5", "--width-factor", "2", "--method", "noisy", "--mup",
+             "--handoff", "no-rewarmup", "--data-offset-steps", "5", "--train-iters", "4", "--log-interval", "1"]
+    pretrain(1, *flags, "--save", tmp_path / "whole", "--metrics-file", tmp_path / "whole.jsonl")
+    pretrain(1, *flags, "--exit-interval", "2", "--save", tmp_path / "part", "--metrics-file", tmp_path / "a.jsonl")
+    pretrain(1, *flags, "--load", tmp_path / "part", "--save", tmp_path / "part", "--metrics-file",
+             tmp_path / "b.jsonl")
+    whole, first, second = (_train_losses(tmp_path / f) for f in ("whole.jsonl", "a.jsonl", "b.jsonl"))
+    assert sorted(first) == [1, 2] and sorted(second) == [3, 4], (first, second)
+    assert {**first, **second} == whole

@@ -71,6 +71,8 @@ class Run:
         if self.resume_state is not None:
             args.init = "load"
         self.start = resolve_start(args)
+        if args.mup and args.mup_base_hidden_size is None:
+            args.mup_base_hidden_size = self._mup_base_width()
         cfg = self.start.config
         from hyperclone_dist.megatron.model import transformer_config
 
@@ -85,6 +87,20 @@ class Run:
 
         self.plan = batch_plan(args, self.dp, self.seq_length, args.pp, args.vpp)
         self.layout = {"tp": args.tp, "pp": args.pp, "vpp": args.vpp, "dp": self.dp}
+
+    def _mup_base_width(self) -> int | None:
+        """The width μP's LR multipliers are relative to: the clone source's, or on resume the one the run
+        started with (recorded in its checkpoint; older checkpoints: the --clone-from source's again)."""
+        from hyperclone_dist.train.startup import _config_from_path
+
+        if self.start.small_config is not None:
+            return self.start.small_config.hidden_size
+        saved = (self.resume_state or {}).get("mup_base_hidden_size")
+        if saved:
+            return int(saved)
+        if self.resume_state is not None and self.args.clone_from:
+            return _config_from_path(Path(self.args.clone_from)).hidden_size
+        return None
 
     def _check_requested_shape(self) -> None:
         """With --load, the weights come from the checkpoint; a --clone-from/--model-config given too
@@ -245,7 +261,8 @@ class Run:
         return {"step": self.step, "consumed_samples": self.step * self.plan.global_batch_size,
                 "layout": self.layout, "model_config": self.start.config.to_dict(), "data": self.data_description,
                 "schedule": asdict(self.schedule), "handoff": self.args.handoff, "start": self.start.description,
-                "seed": self.args.seed}
+                "seed": self.args.seed,
+                "mup_base_hidden_size": self.args.mup_base_hidden_size if self.args.mup else None}
 
     def save(self) -> None:
         from hyperclone_dist.megatron import legacy
