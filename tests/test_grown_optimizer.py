@@ -111,3 +111,19 @@ def test_grown_run_resumes_deterministically(small_runs, tmp_path):
     whole, first, second = (_train_losses(tmp_path / f) for f in ("whole.jsonl", "a.jsonl", "b.jsonl"))
     assert sorted(first) == [1, 2] and sorted(second) == [3, 4], (first, second)
     assert {**first, **second} == whole
+
+
+@pytest.mark.parametrize("schedule", [["--lr-schedule-points", "[[0, 1e-3], [2, 3e-3], [4, 2e-3]]"],
+                                      ["--handoff", "no-rewarmup", "--lr", "5e-4", "--min-lr", "1e-4",
+                                       "--lr-decay-style", "linear"]], ids=["points", "no-rewarmup"])
+def test_the_optimizer_runs_at_the_lr_the_schedule_names(tmp_path, schedule):
+    """Hand-off schedules whose peak is not --lr (points, low-peak) reach the optimizer as given: the
+    LR of each step is the schedule's value, not --lr times its shape."""
+    import json
+
+    pretrain(1, "--init", "random", "--model-config", "configs/models/llama-tiny.json", "--train-iters", "4",
+             "--log-interval", "1", *schedule, "--metrics-file", tmp_path / "m.jsonl")
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    lrs = [r["train/lr"] for r in records if "train/lr" in r]
+    expected = [1e-3, 2e-3, 3e-3, 2.5e-3] if schedule[0] == "--lr-schedule-points" else [5e-4, 4e-4, 3e-4, 2e-4]
+    assert lrs == pytest.approx(expected, rel=1e-6), lrs

@@ -207,9 +207,12 @@ class Run:
                                               pp=args.pp, clip_grad=args.clip_grad, bf16=args.bf16)
         self.schedule, self.handoff = build_schedule(args)
         multipliers = mup_lr_multipliers(self.chunks, self.start, args) if args.mup else None
-        groups = parameter_groups(self.chunks, args.weight_decay, args.lr, multipliers)
+        # the scheduler scales each group's LR by schedule.factor(step) = lr(step) / peak: the groups start
+        # from the schedule's peak, which is --lr only for the paper and no-rewarmup hand-offs
+        peak = self.schedule.peak_lr
+        groups = parameter_groups(self.chunks, args.weight_decay, peak, multipliers)
         self.engine = initialize_engine(self.chunks, ds_config, groups, self.schedule, weight_decay=args.weight_decay,
-                                        lr=args.lr, vocab_size=self.start.config.vocab_size,
+                                        lr=peak, vocab_size=self.start.config.vocab_size,
                                         seq_length=self.seq_length, logit_scale=args.mup_output_multiplier,
                                         betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
         from hyperclone_dist.train.checkpointing import use_safe_loader
