@@ -39,6 +39,8 @@ def convert(src: str | Path, out: str | Path, spec: GrowthSpec, *, fmt: str = "h
         raise HypercloneError(f"unknown output format {fmt!r} (choose from {', '.join(FORMATS)})")
     if dtype not in DTYPES:
         raise HypercloneError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    if shard_bytes < 1:
+        raise HypercloneError(f"the shard size must be positive, got {shard_bytes / 2**30:g} GiB (--shard-size)")
     src, out = Path(src), Path(out)
     source = SourceCheckpoint(src)
     grower = Grower(source.config, spec, source.get, source.get_rows)

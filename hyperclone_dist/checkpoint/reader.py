@@ -34,13 +34,16 @@ def torch_load(path: Path, mmap: bool = True) -> object:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        first = (f"it names {found.group(1)}" if found
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", text)  # torch < 2.7 and later wording
+        reason = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)  # e.g. an opcode it does not allow
+        first = (f"it names {found.group(1)}" if found else reason.group(1)[:160] if reason
                  else (text.strip().splitlines()[0] if text.strip() else type(exc).__name__)[:160])
         raise HypercloneError(
             f"refusing to load {path}: it is not a plain tensor checkpoint ({first}); "
             "nothing in it was executed") from None
     except _LOAD_ERRORS as exc:
+        if mmap and "_use_new_zipfile_serialization" in str(exc):  # legacy format (old pytorch_model.bin)
+            return torch_load(path, mmap=False)
         raise HypercloneError(f"cannot read {path}: corrupt or truncated ({_first_line(exc)})") from None
 
 
@@ -57,8 +60,9 @@ def _open_safetensors(file: Path):
 
 
 def _first_line(exc: BaseException) -> str:
+    """The first sentence of the first line: torch follows its reason with paragraphs of advice."""
     text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+    return (text.splitlines()[0].split(". ")[0] if text else type(exc).__name__)[:200]
 
 
 class SourceCheckpoint:
@@ -77,6 +81,7 @@ class SourceCheckpoint:
             self._open_small_pt()
         self.shapes = canonical_shapes(self.config)
         self._check_shapes()
+        self._check_dtypes()
 
     # ---- HF directories -------------------------------------------------------------------------
     def _open_hf(self) -> None:
@@ -187,6 +192,29 @@ class SourceCheckpoint:
             if have != tuple(want):
                 raise HypercloneError(
                     f"{self.path}: tensor {hf_name} has shape {list(have)}, the config implies {list(want)}")
+
+    def _check_dtypes(self) -> None:
+        """Weights are floating point: an integer tensor means a quantized or foreign checkpoint, and
+        growing it would silently write its integers as weights."""
+        if self.kind == "small.pt":
+            found = {name: str(t.dtype).removeprefix("torch.") for name, t in self._state.items()
+                     if not t.dtype.is_floating_point}
+        else:
+            found = {}
+            for hf_name, file, *_ in set(self._where.values()):
+                handle = self._handle(file)
+                if file.suffix == ".safetensors":  # the header's name, e.g. I64
+                    dtype = handle.get_slice(hf_name).get_dtype()
+                    floating = dtype in _SAFETENSORS_DTYPES
+                else:
+                    dtype = str(handle[hf_name].dtype).removeprefix("torch.")
+                    floating = handle[hf_name].is_floating_point()
+                if not floating:
+                    found[hf_name] = dtype
+        if found:
+            name = min(found)
+            raise HypercloneError(f"{self.path}: tensor {name} has dtype {found[name]} ({len(found)} such "
+                                  "tensors); only floating-point weights (float32, bfloat16, float16) can be grown")
 
     def _hf_tensor_shape(self, hf_name: str, file: Path) -> tuple[int, ...]:
         handle = self._handle(file)

@@ -36,6 +36,8 @@ def _add_growth_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", choices=METHODS, default="symmetric",
                    help="HyperCloning variant, or warmstart (shrink, zero-pad, perturb; not function-preserving)")
     g.add_argument("--snr-db", type=float, default=10.0, help="noisy variants: signal-to-noise ratio in dB")
+    g.add_argument("--snr-db-last", type=float, default=None, metavar="DB",
+                   help="noisy: the last layer's SNR; layers in between go linearly in dB from --snr-db")
     g.add_argument("--shrink", type=float, default=0.5, help="warmstart: lambda on the zero-padded small weights")
     g.add_argument("--perturb", type=float, default=1.0, help="warmstart: sigma on the target width's muP init")
     depth = g.add_mutually_exclusive_group()
@@ -50,7 +52,7 @@ def growth_spec(args: argparse.Namespace):
     from hyperclone_dist.growth.spec import GrowthSpec
 
     return GrowthSpec(width_factor=args.width_factor, ffn_factor=args.ffn_factor, method=args.method,
-                      snr_db=args.snr_db, shrink=args.shrink, perturb=args.perturb,
+                      snr_db=args.snr_db, snr_db_last=args.snr_db_last, shrink=args.shrink, perturb=args.perturb,
                       insert_layers=args.insert_layers, stack=args.stack, seed=args.seed)
 
 
@@ -142,9 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
 
-    p = sub.add_parser("inspect", help="family, shapes, parameter count, dtype")
+    p = sub.add_parser("inspect", help="family, shapes, parameter count, dtype; --check: verify checksums")
     p.add_argument("path")
     p.add_argument("--tensors", action="store_true", help="list every tensor")
+    p.add_argument("--check", action="store_true",
+                   help="verify every file against the checkpoint's hyperclone-manifest.json (exit 1 on a "
+                        "mismatch, naming the tensors that changed); a pretrain.py --save directory: its latest "
+                        "checkpoint")
 
     p = sub.add_parser("quickstart", help="grow the built-in model x2 and verify it (no downloads)")
     p.add_argument("--out", default="runs/quickstart")
@@ -189,6 +195,18 @@ def main(argv: list[str] | None = None) -> int:
             cfg = export_checkpoint(args.ckpt, args.out, args.format, DTYPES[args.dtype], args.overwrite,
                                     progress=not args.no_progress)
             print(f"wrote {args.out}: {args.format}, {cfg.family} hidden {cfg.hidden_size}, layers {cfg.num_layers}")
+            return 0
+        if args.command == "inspect" and args.check:
+            from hyperclone_dist.inspect_ckpt import check_checkpoint
+
+            result = check_checkpoint(args.path)
+            for line in result.warnings:
+                print(f"warning: {line}")
+            for line in result.problems:
+                print(line)
+            if result.problems:
+                return 1
+            print(f"OK: {result.files} files, {result.tensors} tensors, {result.nbytes / 2**20:.1f} MiB verified")
             return 0
         if args.command == "inspect":
             from hyperclone_dist.inspect_ckpt import describe

@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from hyperclone_dist.checkpoint import lock
 from hyperclone_dist.checkpoint.atomic import make_partial_dir, publish
 from hyperclone_dist.checkpoint.reader import SourceCheckpoint
+from hyperclone_dist.checkpoint.small_pt import torch_save
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.growth.grow import Grower
@@ -69,6 +71,12 @@ def convert_to_megatron(src: str | Path, out: str | Path, spec: GrowthSpec, layo
     if fmt not in MEGATRON_FORMATS:
         raise HypercloneError(f"unknown megatron format {fmt!r} (choose from {', '.join(MEGATRON_FORMATS)})")
     src, out = Path(src), Path(out)
+    with lock.held_while_writing(out):  # rank 0 locks ``out`` in make_partial_dir; released once published
+        return _grow_and_write(src, out, spec, layout, fmt, dtype, overwrite, progress)
+
+
+def _grow_and_write(src: Path, out: Path, spec: GrowthSpec, layout: Layout, fmt: str, dtype: torch.dtype,
+                    overwrite: bool, progress: bool) -> MegatronConvertResult:
     source = SourceCheckpoint(src)
     grower = Grower(source.config, spec, source.get, source.get_rows)
     check_representable(grower.large)
@@ -88,7 +96,7 @@ def convert_to_megatron(src: str | Path, out: str | Path, spec: GrowthSpec, layo
             chunks = rank_state_dicts(grower, layout, tp_rank, pp_rank, dtype)
             target = legacy.rank_dir(tmp, 0, layout, tp_rank, pp_rank)
             target.mkdir(parents=True, exist_ok=True)
-            torch.save(legacy.rank_payload(chunks, args, 0), target / legacy.RANK_FILE)
+            torch_save(legacy.rank_payload(chunks, args, 0), target / legacy.RANK_FILE)  # OSError if disk full
             written += sum(t.numel() * t.element_size() for sd in chunks for t in sd.values())
     except Exception as exc:  # every process must reach _finish, or the others wait forever
         failure = exc

@@ -118,7 +118,7 @@ class MegatronSource:
             shape.insert(0, 1)
         buffer = torch.empty(shape, dtype=torch.float32)
         offsets = [0] * len(shape) if layer is None else [layer] + [0] * (len(shape) - 1)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch_dist.damage_reported(self._it_dir):
             warnings.simplefilter("ignore")  # DCP warns that no_dist (one reader, no process group) is meant
             load({key: buffer}, storage_reader=FileSystemReader(str(self._it_dir)),
                  planner=_SlicePlanner(key, offsets, shape), no_dist=True)
@@ -170,7 +170,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "hf", dtype:
                       overwrite: bool = False, progress: bool = True) -> ModelConfig:
     """Write a megatron checkpoint as an HF directory (streaming, one tensor at a time) or as small.pt
     (one file, so the whole model passes through memory: meant for the small models it describes)."""
-    from hyperclone_dist.checkpoint import small_pt
+    from hyperclone_dist.checkpoint import lock, small_pt
     from hyperclone_dist.checkpoint.atomic import atomic_output_dir
     from hyperclone_dist.checkpoint.hf_writer import write_hf_checkpoint
 
@@ -185,6 +185,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "hf", dtype:
         return cfg
     if out.exists() and not overwrite:
         raise HypercloneError(f"{out} already exists (pass --overwrite to replace it)")
-    small_pt.save(out, cfg, {name: source.get(name).to(dtype) for name in names},
-                  {"exported_from": str(ckpt), **training_meta(Path(ckpt))})
+    with lock.held_while_writing(out):  # one writer of this file at a time, as for directories
+        lock.acquire(out)
+        small_pt.save(out, cfg, {name: source.get(name).to(dtype) for name in names},
+                      {"exported_from": str(ckpt), **training_meta(Path(ckpt))})
     return cfg

@@ -96,6 +96,8 @@ def check_layout(cfg: ModelConfig, layout: Layout) -> None:
     """Refuse layouts megatron-core cannot build for this model, naming the numbers."""
     if layout.tp < 1 or layout.pp < 1 or (layout.vpp is not None and layout.vpp < 1):
         raise HypercloneError(f"tp={layout.tp}, pp={layout.pp}, vpp={layout.vpp} must be >= 1")
+    if layout.vocab_divisible_by < 1:
+        raise HypercloneError(f"--vocab-divisible-by {layout.vocab_divisible_by} must be >= 1")
     if cfg.num_heads % layout.tp:
         raise HypercloneError(f"attention heads ({cfg.num_heads}) are not divisible by tp={layout.tp}")
     if cfg.num_kv_heads % layout.tp:

@@ -13,6 +13,7 @@ TP x PP. Layout of the output (as Megatron-LM writes it)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import torch
@@ -28,6 +29,26 @@ def _safe_common_load():
     """megatron's common.pt holds Megatron-LM's ``args`` Namespace; allow that class and nothing else
     while megatron loads it with torch.load's default weights_only=True."""
     return torch.serialization.safe_globals([argparse.Namespace])
+
+
+@contextlib.contextmanager
+def damage_reported(iteration_dir: Path):
+    """A damaged or incomplete torch_dist directory (a truncated ``.distcp`` or ``common.pt``, no
+    ``.metadata``) is reported in one line naming it; torch and megatron raise RuntimeError, AssertionError,
+    CheckpointingException or pickle errors for these, with tracebacks through their internals."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException wrapping the cause
+
+    try:
+        yield
+    except HypercloneError:
+        raise
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - whatever the readers raise on bad bytes
+        if isinstance(exc, CheckpointException) and exc.failures:
+            exc = next(iter(exc.failures.values()))[0]
+        text = str(exc).strip()
+        first = (text.splitlines()[0].split(". ")[0] if text else type(exc).__name__)[:200]
+        raise HypercloneError(f"cannot read the torch_dist checkpoint {iteration_dir}: corrupt or incomplete "
+                              f"({first})") from None
 
 
 def _model_state_keys(chunks: list) -> list[str]:
@@ -55,6 +76,7 @@ def save_grown(grower: Grower, layout: Layout, iteration_dir: Path, dtype: torch
     from megatron.core import dist_checkpointing, parallel_state
 
     from hyperclone_dist.megatron.model import build_gpt_model
+    from hyperclone_dist.megatron.writer_queue import own_results_queue
 
     chunks = build_gpt_model(grower.large, dtype=dtype, perform_initialization=False,
                              vocab_divisible_by=layout.vocab_divisible_by)
@@ -62,6 +84,7 @@ def save_grown(grower: Grower, layout: Layout, iteration_dir: Path, dtype: torch
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     fill_from_grower(chunks, grower, layout, tp_rank, pp_rank)
     iteration_dir.mkdir(parents=True, exist_ok=True)
+    own_results_queue()  # megatron's writer Manager dies with this process, even by SIGKILL
     dist_checkpointing.save(model_state(chunks, grower, layout, dtype), str(iteration_dir))
     return sum(p.numel() * p.element_size() for chunk in chunks for p in chunk.parameters())
 
@@ -71,7 +94,9 @@ def read_args(iteration_dir: Path) -> argparse.Namespace:
 
     if not (iteration_dir / "metadata.json").is_file():
         raise HypercloneError(f"{iteration_dir} is not a torch_dist checkpoint (no metadata.json)")
-    with _safe_common_load():
+    if not (iteration_dir / ".metadata").is_file():  # written last by the coordinator: a save cut short
+        raise HypercloneError(f"{iteration_dir} is an incomplete torch_dist checkpoint (no .metadata)")
+    with _safe_common_load(), damage_reported(iteration_dir):
         common = dist_checkpointing.load_common_state_dict(str(iteration_dir))
     args = common.get("args") if isinstance(common, dict) else None
     if not isinstance(getattr(args, "hyperclone_config", None), dict):
@@ -92,7 +117,7 @@ def load_into_gpt_model(iteration_dir: Path, layout: Layout) -> tuple[list, Mode
         raise HypercloneError(f"the checkpoint's padded vocab ({padded}) is not divisible by tp={layout.tp}")
     chunks = build_gpt_model(cfg, perform_initialization=False, padded_vocab=padded)
     state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_state_keys(chunks), chunks)}
-    with _safe_common_load():
+    with _safe_common_load(), damage_reported(iteration_dir):
         loaded = dist_checkpointing.load(state, str(iteration_dir))
     for key, chunk in zip(_model_state_keys(chunks), chunks):
         load_chunk_weights(chunk, loaded[key], iteration_dir)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from hyperclone_dist.checkpoint.small_pt import is_short_write, os_error_behind
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.growth.grow import Grower
 from hyperclone_dist.megatron import legacy
@@ -41,6 +43,8 @@ def _recording_strategy():
             def record():
                 results = writer.retrieve_write_results()
                 if isinstance(results, tuple):  # a wrapped worker exception
+                    if is_short_write(results[0]):  # disk full or a file-size limit: name it
+                        raise os_error_behind(Path(writer.path), results[0])
                     raise HypercloneError(f"writing a torch_dist shard failed: {results[0]}")
                 self.records.append((self.cached_local_plan, results))
 
@@ -61,6 +65,18 @@ def _coordinator_sees_only_itself():
         yield
     finally:
         _DistWrapper.gather_object = original
+
+
+@contextlib.contextmanager
+def _quiet_writer_log():
+    """megatron logs a failed shard write before the error reaches ``record``, which reports it once."""
+    log = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _become_rank(rank: int, layout: Layout) -> None:
@@ -91,14 +107,16 @@ def save_grown_serially(grower: Grower, layout: Layout, iteration_dir: Path, dty
 
     from hyperclone_dist.megatron.model import build_gpt_model
     from hyperclone_dist.megatron.torch_dist import fill_from_grower, model_state
+    from hyperclone_dist.megatron.writer_queue import own_results_queue
 
     if dist.is_initialized():
         raise HypercloneError("serial torch_dist conversion runs in a process without a process group")
     iteration_dir.mkdir(parents=True, exist_ok=True)
+    own_results_queue()  # megatron's writer Manager dies with this process, even by SIGKILL
     strategy = _recording_strategy()
     written = 0
     try:
-        with _coordinator_sees_only_itself():
+        with _coordinator_sees_only_itself(), _quiet_writer_log():
             for rank in range(layout.world):
                 _become_rank(rank, layout)
                 chunks = build_gpt_model(grower.large, dtype=dtype, perform_initialization=False,

@@ -1,0 +1,42 @@
+"""A results queue for megatron's torch_dist writer that does not outlive a killed process.
+
+megatron-core's ``FileSystemWriterAsync`` collects its write results through a multiprocessing Manager
+(``filesystem_async._get_write_results_queue``): a server process spawned at the first save and stopped
+only by its owner's exit handlers. A process killed with SIGKILL (the OOM killer, a preempted node, one
+rank of a job) runs no exit handler, and the server lives on as an orphan holding a few hundred MB, for
+good. ``own_results_queue()`` starts that Manager before megatron does, with the kernel asked to kill it
+when its parent dies (Linux PR_SET_PDEATHSIG), and hands megatron its queue.
+
+This module imports nothing heavy: the spawned server process imports it to run ``_die_with_parent``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
+from multiprocessing.managers import SyncManager
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_manager: SyncManager | None = None  # referenced for the life of the process: collecting it shuts it down
+
+
+def _die_with_parent(parent: int) -> None:
+    """Runs first in the Manager's server process."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request above took effect
+        os._exit(0)
+
+
+def own_results_queue() -> None:
+    """Call before the first ``dist_checkpointing.save`` of a process (later calls do nothing)."""
+    global _manager
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None or not sys.platform.startswith("linux"):
+        return
+    _manager = SyncManager(ctx=multiprocessing.get_context("spawn"))  # what megatron uses
+    _manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+    filesystem_async._results_queue = _manager.Queue()
