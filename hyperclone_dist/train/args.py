@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from hyperclone_dist.errors import HypercloneError
+from hyperclone_dist.train.symmetry_breaking import non_negative_float, non_negative_int
 
 
 def _growth_flags(p: argparse.ArgumentParser) -> None:
@@ -87,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale the logits by this (muP: base width / width; 1 keeps a clone's function)")
     o.add_argument("--mup-attention-scale", action="store_true",
                    help="attention logits scaled by 1/head_dim instead of 1/sqrt(head_dim) (muP)")
+    o.add_argument("--symmetry-noise-steps", type=non_negative_int, default=0, metavar="K",
+                   help="symmetry breaking: Gaussian noise on every 2-D weight's gradient in the first K "
+                        "optimizer steps (pp=1; 0: off)")
+    o.add_argument("--symmetry-noise-scale", type=non_negative_float, default=1.0, metavar="S",
+                   help="std of that noise relative to the RMS of each weight's gradient")
 
     d = p.add_argument_group("data")
     d.add_argument("--data-path", nargs="+", default=None, metavar="[WEIGHT] PREFIX",
@@ -105,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--no-save-moments", dest="save_moments", action="store_false",
                     help="leave Adam's moments out of the torch_dist copy (they let a larger run clone this one "
                          "with its optimizer state; they triple that copy's size)")
+    io.add_argument("--no-checksums", dest="checksums", action="store_false",
+                    help="no checksum manifest in saved checkpoints (hashing re-reads what was written; the "
+                         "ranks share it)")
     io.add_argument("--exit-interval", type=int, default=None,
                     help="stop (after saving) once this step is reached: a planned interruption")
     io.add_argument("--eval-interval", type=int, default=None, help="steps between validation passes")

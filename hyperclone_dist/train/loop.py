@@ -278,7 +278,8 @@ class Run:
         args.padded_vocab_size = self.padded_vocab
         args.consumed_train_samples = self.step * self.plan.global_batch_size
         path = save_checkpoint(self.engine, self.chunks, self.args.save, self.step, self.trainer_state(), args,
-                               rng={"torch": torch.get_rng_state()}, moments=self.args.save_moments)
+                               rng={"torch": torch.get_rng_state()}, moments=self.args.save_moments,
+                               checksums=self.args.checksums)
         self.monitor.print(f"saved {path} (step {self.step})")
 
     def evaluate(self) -> float | None:
@@ -314,10 +315,13 @@ class Run:
             last["valid/loss"] = self.evaluate()
             self.monitor.log(0, {"valid/loss": last["valid/loss"]})
         self.monitor.restart_clock()
+        from hyperclone_dist.train.symmetry_breaking import GradientNoise
+
+        self.symmetry_noise = GradientNoise.from_args(args)
         steps_timed = 0
         while self.step < args.train_iters:
             result = train_step(self.engine, self.chunks, self.feed.train_batches(self.step), self.seq_length,
-                                self.plan.micro_batch_size, cfg.vocab_size)
+                                self.plan.micro_batch_size, cfg.vocab_size, noise=self.symmetry_noise)
             self.step += 1
             steps_timed += 1
             values = {"train/loss": result.loss, "train/lr": result.lr, "train/grad_norm": result.grad_norm}

@@ -174,10 +174,24 @@ def _engine_loop_step(engine, micro_batches: list[dict]) -> float:
     return torch.stack(losses).mean().item()
 
 
+def _symmetry_noise(engine, chunks: list, noise) -> None:
+    """Gradient noise in the first K optimizer steps (symmetry_breaking.py): hooks attached at the first
+    step, removed once step K is reached."""
+    from hyperclone_dist.train import symmetry_breaking
+
+    if not hasattr(engine, "symmetry_noise_hooks"):
+        engine.symmetry_noise_hooks = symmetry_breaking.attach(engine, chunks, noise) if noise else None
+    hooks = engine.symmetry_noise_hooks
+    if hooks is not None and hooks.retire_if_done():
+        engine.symmetry_noise_hooks = None
+
+
 def train_step(engine, chunks: list, micro_batches: list[dict], seq_length: int, micro_batch_size: int,
-               vocab_size: int) -> StepResult:
+               vocab_size: int, noise=None) -> StepResult:
+    """``noise``: a ``symmetry_breaking.GradientNoise`` or None (off)."""
     from megatron.core import parallel_state
 
+    _symmetry_noise(engine, chunks, noise)
     for chunk in chunks:
         chunk.train()
     lr = engine.get_lr()[0]  # the LR of this update (the scheduler advances inside engine.step)

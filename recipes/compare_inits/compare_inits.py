@@ -14,10 +14,13 @@ number of large-model steps with the same hyperparameters (the paper's protocol)
     depth            identity layers after every 2nd layer (width unchanged)
     width+depth      noisy x2 and identity layers
     small-continued  the control: the small model itself, trained on for the same steps
+    noisy 5-20 dB    noise scaled per layer (and 20-5 dB)
+    symmetric noise-k  symmetric x2, gradient noise in the first 50 steps
+    ... low-peak, grown-adam, ramp, mup: hand-offs (ARMS below), each with its small-continued control
 
 Writes docs/results.md (mean ± spread over seeds; steps to the baseline's final loss; speedup counting
 large-model steps only, as the paper does, and all-in, charging the small model's training compute) and
-docs/figures/compare_inits.png. ``--data``/``--tokenizer`` rerun it on any corpus.
+docs/figures/compare_inits{,_handoff}.png. ``--data``/``--tokenizer`` rerun it on any corpus.
 """
 
 from __future__ import annotations
@@ -35,9 +38,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from hyperclone_dist.experiments import Curve, plot_curves, read_curve, steps_to_reach  # noqa: E402
+from hyperclone_dist.experiments import Curve, plot_curves, read_curve, steps_to_reach, write_section  # noqa: E402
 
 PY = sys.executable
+GROWN_ADAM = ["--clone-from", "{small_ckpt}", "--data-offset-steps", "{small_steps}"]  # moments, step, data stream
+RAMP = "[[0, 5e-4], [100, 2e-3], [300, 2e-4]]"
+RAMP_2X = "[[0, 1e-3], [100, 4e-3], [300, 4e-4]]"
 ARMS = {
     "random": ["--init", "random", "--width-factor", "2"],
     "symmetric": ["--width-factor", "2", "--method", "symmetric"],
@@ -47,6 +53,13 @@ ARMS = {
     "depth": ["--insert-layers", "every:2"],
     "width+depth": ["--width-factor", "2", "--method", "noisy", "--insert-layers", "every:2"],
     "small-continued": ["--width-factor", "1"],
+    # noise scaled per layer (SNR straight in dB from the first layer to the last)
+    "noisy 5-20 dB": ["--width-factor", "2", "--method", "noisy", "--snr-db", "5", "--snr-db-last", "20"],
+    "noisy 20-5 dB": ["--width-factor", "2", "--method", "noisy", "--snr-db", "20", "--snr-db-last", "5"],
+    # symmetric clone, Gaussian noise on the gradients of the first 50 steps (std = 1 x each tensor's
+    # gradient RMS): the copies part during the warmup, then train on plainly
+    "symmetric noise-k": ["--width-factor", "2", "--method", "symmetric", "--symmetry-noise-steps", "50",
+                          "--symmetry-noise-scale", "1"],
     # hand-off arms: a short warmup to a lower peak (3x the small model's final LR) instead of a re-warmup
     "noisy low-peak": ["--width-factor", "2", "--method", "noisy", "--snr-db", "10", "--handoff", "low-peak",
                        "--handoff-peak-factor", "3", "--lr-warmup-iters", "10"],
@@ -59,7 +72,30 @@ ARMS = {
                          "{small_steps}"],
     "small-continued grown-adam": ["--clone-from", "{small_ckpt}", "--width-factor", "1", "--handoff",
                                    "no-rewarmup", "--lr", "1e-3", "--data-offset-steps", "{small_steps}"],
+    # the same, with muP's LR for the matrices whose fan-in grew (x 1/2): halved copies moved by the small
+    # model's own Adam step would otherwise change the function twice as fast as that step did
+    "noisy grown-adam mup": ["--clone-from", "{small_ckpt}", "--width-factor", "2", "--method", "noisy",
+                             "--snr-db", "10", "--handoff", "no-rewarmup", "--lr", "1e-3", "--mup",
+                             "--data-offset-steps", "{small_steps}"],
+    # grown Adam with a ramp from a low LR back up to the baseline's peak (RAMP), with and without muP's LR
+    # for the matrices whose fan-in grew; and the same ramp at twice the LR (RAMP_2X). muP changes nothing at
+    # width 1, so each small-continued arm is the control of both clones on its schedule
+    "noisy grown-adam ramp": [*GROWN_ADAM, "--width-factor", "2", "--method", "noisy", "--snr-db", "10",
+                              "--lr-schedule-points", RAMP],
+    "noisy grown-adam mup ramp": [*GROWN_ADAM, "--width-factor", "2", "--method", "noisy", "--snr-db", "10",
+                                  "--mup", "--lr-schedule-points", RAMP],
+    "small-continued grown-adam ramp": [*GROWN_ADAM, "--width-factor", "1", "--lr-schedule-points", RAMP],
+    "noisy grown-adam mup ramp 2x": [*GROWN_ADAM, "--width-factor", "2", "--method", "noisy", "--snr-db", "10",
+                                     "--mup", "--lr-schedule-points", RAMP_2X],
+    "small-continued grown-adam ramp 2x": [*GROWN_ADAM, "--width-factor", "1", "--lr-schedule-points", RAMP_2X],
+    "symmetric grown-adam mup": ["--clone-from", "{small_ckpt}", "--width-factor", "2", "--method", "symmetric",
+                                 "--handoff", "no-rewarmup", "--lr", "1e-3", "--mup",
+                                 "--data-offset-steps", "{small_steps}"],
 }
+INIT_ARMS = ("random", "symmetric", "noisy", "diagonal", "warmstart", "depth", "width+depth", "small-continued",
+             "symmetric noise-k")
+HANDOFF_ARMS = ("noisy", "small-continued", "noisy low-peak", "noisy grown-adam", "noisy grown-adam ramp",
+                "noisy grown-adam mup ramp", "small-continued grown-adam ramp", "noisy grown-adam mup ramp 2x")
 NEEDS_MOMENTS = {arm for arm, flags in ARMS.items() if "{small_ckpt}" in flags}
 
 
@@ -212,9 +248,13 @@ def report(args, out: Path, small: Path) -> None:
     mean_curves = [Curve(arm, runs[0].steps, [statistics.mean(c.losses[i] for c in runs)
                                               for i in range(len(runs[0].steps))]) for arm, runs in curves.items()]
     target = statistics.mean(baseline.values())
-    png = plot_curves(mean_curves, REPO / "docs" / "figures" / "compare_inits.png",
-                      f"every init, mean of {len(args.seeds)} seeds (CPU, d=64 -> 128)",
-                      hline=(target, "random baseline's final loss"))
+    figures = []
+    for suffix, title, wanted in (("", "inits", INIT_ARMS), ("_handoff", "hand-offs", HANDOFF_ARMS)):
+        shown = [c for c in mean_curves if c.label in wanted]
+        if shown:
+            figures.append(plot_curves(shown, REPO / "docs" / "figures" / f"compare_inits{suffix}.png",
+                                       f"{title}, mean of {len(args.seeds)} seeds (CPU, d=64 -> 128)",
+                                       hline=(target, "random baseline's final loss")))
     header = ("| arm | valid loss, step 0 | final valid loss | final − control | steps to baseline's final | "
               "speedup (large steps) | speedup (all-in) | steps to control's final | worst rise | "
               "min cosine of copies |")
@@ -230,18 +270,10 @@ def report(args, out: Path, small: Path) -> None:
             f"(= {charge:.0f} large-model steps). Worst rise: the largest validation loss above step 0, over seeds.\n\n"
             f"```bash\n.venv/bin/python recipes/compare_inits/compare_inits.py --seeds "
             f"{' '.join(map(str, args.seeds))} --steps {args.steps}\n```\n\n{table}\n\n"
-            f"![mean validation loss per arm](figures/{png.name})\n")
-    results = REPO / args.results
-    existing = results.read_text() if results.is_file() else "# Results\n"
-    marker = "## Every init on the same budget"
-    head = existing.split(marker)[0].rstrip() + "\n\n" if marker in existing else existing.rstrip() + "\n\n"
-    tail = ""
-    if marker in existing:
-        rest = existing.split(marker, 1)[1]
-        tail = ("\n## " + rest.split("\n## ", 1)[1]) if "\n## " in rest else ""
-    results.write_text(head + body + tail)
+            + "".join(f"![mean validation loss per arm](figures/{png.name})\n" for png in figures))
+    results = write_section(REPO / args.results, "## Every init on the same budget", body)
     print(table)
-    print(f"wrote {results} and {png}")
+    print(f"wrote {results} and {', '.join(map(str, figures))}")
 
 
 if __name__ == "__main__":
