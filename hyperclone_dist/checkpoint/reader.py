@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,7 +32,9 @@ def torch_load(path: Path, mmap: bool = True) -> object:
     """``torch.load`` that never executes pickled code and reports a bad file in one line. ``mmap=False``
     for files in torch's legacy (non-zip) serialization, which DeepSpeed still writes."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # a protocol the safe unpickler may not know: it refuses in one line below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", text)  # torch < 2.7 and later wording
