@@ -22,6 +22,7 @@ from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.families import FAMILIES, family_of, match_hf_name
 from hyperclone_dist.hf_config import config_from_hf
+from hyperclone_dist.jsonfile import read_json_object
 from hyperclone_dist.layout import hf_shape, split_hf
 from hyperclone_dist.params import canonical_shapes
 
@@ -91,12 +92,7 @@ class SourceCheckpoint:
         config_file = self.path / "config.json"
         if not config_file.is_file():
             raise HypercloneError(f"{self.path} is not a Hugging Face model directory (no config.json)")
-        try:
-            hf = json.loads(config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise HypercloneError(f"cannot parse {config_file}: {_first_line(exc)}") from None
-        if not isinstance(hf, dict):
-            raise HypercloneError(f"{config_file} does not hold a JSON object")
+        hf = read_json_object(config_file, "Hugging Face config")
         self.config: ModelConfig = config_from_hf(hf)
         self.family = FAMILIES[self.config.family]
         self.hf_config = hf
