@@ -85,3 +85,14 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
         model.save_pretrained(root / name)
         dirs[name] = root / name
     return dirs
+
+
+@pytest.fixture(scope="session")
+def builtin_small_pt(tmp_path_factory) -> Path:
+    """The built-in small model with seeded random weights, as small.pt (read only by the tests)."""
+    from hyperclone_dist.builtin import BUILTIN, random_state_dict
+    from hyperclone_dist.checkpoint import small_pt
+
+    path = tmp_path_factory.mktemp("small") / "small.pt"
+    small_pt.save(path, BUILTIN, random_state_dict(BUILTIN, seed=0))
+    return path

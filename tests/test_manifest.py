@@ -34,13 +34,8 @@ FORMATS = {"hf": ["--shard-size", "0.0002"],  # ~210 KiB shards: several files
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory) -> Path:
-    from hyperclone_dist.builtin import BUILTIN, random_state_dict
-    from hyperclone_dist.checkpoint import small_pt
-
-    path = tmp_path_factory.mktemp("small") / "small.pt"
-    small_pt.save(path, BUILTIN, random_state_dict(BUILTIN, seed=0))
-    return path
+def small(builtin_small_pt: Path) -> Path:
+    return builtin_small_pt
 
 
 @pytest.fixture(scope="module")
