@@ -29,11 +29,13 @@ class ConvertResult:
 
 @torch.inference_mode()
 def convert(src: str | Path, out: str | Path, spec: GrowthSpec, *, fmt: str = "hf", dtype: str = "float32",
-            overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> ConvertResult:
+            overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
+            checksums: bool = True) -> ConvertResult:
     """Grow the checkpoint at ``src`` (HF directory or small.pt) by ``spec`` and write it to ``out``.
 
     Tensors are grown and written one at a time; ``out`` appears only once complete, and an existing
-    checkpoint there is replaced only with ``overwrite=True``. ``src`` is opened read-only.
+    checkpoint there is replaced only with ``overwrite=True``. ``src`` is opened read-only. ``checksums``:
+    write ``hyperclone-manifest.json`` (checkpoint/manifest.py).
     """
     if fmt not in FORMATS:
         raise HypercloneError(f"unknown output format {fmt!r} (choose from {', '.join(FORMATS)})")
@@ -45,7 +47,7 @@ def convert(src: str | Path, out: str | Path, spec: GrowthSpec, *, fmt: str = "h
     source = SourceCheckpoint(src)
     grower = Grower(source.config, spec, source.get, source.get_rows)
     canonical = {name: grower.shapes[name] for name in grower.names()}
-    with atomic_output_dir(out, overwrite=overwrite, source=src) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, source=src, manifest=checksums) as tmp:
         largest = write_hf_checkpoint(tmp, grower.large, canonical, grower.full, DTYPES[dtype], shard_bytes,
                                       source_dir=src if src.is_dir() else None, progress=progress)
     return ConvertResult(out, source.config, grower.large, largest)

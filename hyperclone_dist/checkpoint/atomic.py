@@ -89,14 +89,15 @@ def publish(tmp: Path, out: Path, manifest: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: Path, overwrite: bool = False, source: Path | None = None):
-    """Yield a fresh temporary directory; on success it replaces ``out``, on any error it is removed."""
+def atomic_output_dir(out: Path, overwrite: bool = False, source: Path | None = None, manifest: bool = True):
+    """Yield a fresh temporary directory; on success it replaces ``out`` (with a checksum manifest unless
+    ``manifest=False``), on any error it is removed."""
     out = Path(out)
     with lock.held_while_writing(out):
         tmp = make_partial_dir(out, overwrite, source)
         try:
             yield tmp
-            publish(tmp, out)
+            publish(tmp, out, manifest)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if exc.errno == errno.ENOSPC:

@@ -71,7 +71,7 @@ def _convert_megatron(args: argparse.Namespace) -> int:
                         spec=args.spec)
         result = convert_to_megatron(args.src, args.out, growth_spec(args), layout, fmt=args.format,
                                      dtype=DTYPES[args.dtype], overwrite=args.overwrite,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, checksums=not args.no_checksums)
         if int(os.environ.get("RANK", "0")) == 0:
             g = result.large
             print(f"wrote {result.out}: {args.format} tp={args.tp} pp={args.pp}"
@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--shard-size", type=float, default=2.0, metavar="GiB", help="max safetensors shard size")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+    p.add_argument("--no-checksums", action="store_true",
+                   help="write no hyperclone-manifest.json (its SHA-256 hashing is about a third of a torch_dist "
+                        "conversion's CPU time)")
     p.add_argument("--no-progress", action="store_true")
     _add_growth_flags(p)
 
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
             result = convert(args.src, args.out, growth_spec(args), fmt=args.format, dtype=args.dtype,
                              overwrite=args.overwrite, shard_bytes=int(args.shard_size * 2**30),
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, checksums=not args.no_checksums)
             s, g = result.small, result.large
             print(f"wrote {result.out}: {g.family} hidden {s.hidden_size}->{g.hidden_size}, "
                   f"ffn {s.ffn_hidden_size}->{g.ffn_hidden_size}, layers {s.num_layers}->{g.num_layers}")

@@ -65,24 +65,25 @@ def _dist():
 @torch.inference_mode()
 def convert_to_megatron(src: str | Path, out: str | Path, spec: GrowthSpec, layout: Layout, *, fmt: str = "legacy",
                         dtype: torch.dtype = torch.float32, overwrite: bool = False,
-                        progress: bool = True) -> MegatronConvertResult:
+                        progress: bool = True, checksums: bool = True) -> MegatronConvertResult:
     """Grow ``src`` into a megatron checkpoint at ``out`` with ``layout``. Under an initialised
-    torch.distributed group, process k writes the ranks r with r % world == k."""
+    torch.distributed group, process k writes the ranks r with r % world == k. ``checksums``: write
+    ``hyperclone-manifest.json`` (checkpoint/manifest.py)."""
     if fmt not in MEGATRON_FORMATS:
         raise HypercloneError(f"unknown megatron format {fmt!r} (choose from {', '.join(MEGATRON_FORMATS)})")
     src, out = Path(src), Path(out)
     with lock.held_while_writing(out):  # rank 0 locks ``out`` in make_partial_dir; released once published
-        return _grow_and_write(src, out, spec, layout, fmt, dtype, overwrite, progress)
+        return _grow_and_write(src, out, spec, layout, fmt, dtype, overwrite, progress, checksums)
 
 
 def _grow_and_write(src: Path, out: Path, spec: GrowthSpec, layout: Layout, fmt: str, dtype: torch.dtype,
-                    overwrite: bool, progress: bool) -> MegatronConvertResult:
+                    overwrite: bool, progress: bool, checksums: bool) -> MegatronConvertResult:
     source = SourceCheckpoint(src)
     grower = Grower(source.config, spec, source.get, source.get_rows)
     check_representable(grower.large)
     check_layout(grower.large, layout)
     if fmt == "torch_dist":
-        return _convert_torch_dist(src, out, grower, layout, dtype, overwrite, progress)
+        return _convert_torch_dist(src, out, grower, layout, dtype, overwrite, progress, checksums)
     dist = _dist()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
     tmp = _shared_tmp_dir(out, overwrite, src, dist, rank)
@@ -100,12 +101,12 @@ def _grow_and_write(src: Path, out: Path, spec: GrowthSpec, layout: Layout, fmt:
             written += sum(t.numel() * t.element_size() for sd in chunks for t in sd.values())
     except Exception as exc:  # every process must reach _finish, or the others wait forever
         failure = exc
-    _finish(out, tmp, dist, rank, failure)
+    _finish(out, tmp, dist, rank, failure, checksums)
     return MegatronConvertResult(out, grower.large, len(mine), written)
 
 
 def _convert_torch_dist(src: Path, out: Path, grower: Grower, layout: Layout, dtype: torch.dtype,
-                        overwrite: bool, progress: bool) -> MegatronConvertResult:
+                        overwrite: bool, progress: bool, checksums: bool) -> MegatronConvertResult:
     """One process per model-parallel rank (processes beyond tp x pp are data-parallel replicas that
     megatron's replica ids keep from writing twice)."""
     from hyperclone_dist.megatron import torch_dist
@@ -113,7 +114,7 @@ def _convert_torch_dist(src: Path, out: Path, grower: Grower, layout: Layout, dt
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and _dist() is None:
-        return _convert_torch_dist_serially(src, out, grower, layout, dtype, overwrite, progress)
+        return _convert_torch_dist_serially(src, out, grower, layout, dtype, overwrite, progress, checksums)
     if world % layout.world:
         raise HypercloneError(
             f"torch_dist at tp x pp = {layout.tp} x {layout.pp} from several processes needs one process per "
@@ -128,23 +129,24 @@ def _convert_torch_dist(src: Path, out: Path, grower: Grower, layout: Layout, dt
         written = torch_dist.save_grown(grower, layout, legacy.iteration_dir(tmp, 0), dtype)
     except Exception as exc:  # every process must reach _finish, or the others wait forever
         failure = exc
-    _finish(out, tmp, dist, rank, failure)
+    _finish(out, tmp, dist, rank, failure, checksums)
     return MegatronConvertResult(out, grower.large, 1, written)
 
 
 def _convert_torch_dist_serially(src: Path, out: Path, grower: Grower, layout: Layout, dtype: torch.dtype,
-                                 overwrite: bool, progress: bool) -> MegatronConvertResult:
+                                 overwrite: bool, progress: bool, checksums: bool) -> MegatronConvertResult:
     """A single process writes every rank in turn, holding one rank's shard at a time."""
     from hyperclone_dist.megatron.torch_dist_serial import save_grown_serially
 
     tmp = make_partial_dir(out, overwrite, src)
-    failure, written = None, 0
+    failure, written, hashed = None, 0, {}
     try:
         with tqdm(total=layout.world, desc="converting", unit="rank", disable=not progress) as bar:
-            written = save_grown_serially(grower, layout, legacy.iteration_dir(tmp, 0), dtype, bar)
+            written, hashed = save_grown_serially(grower, layout, legacy.iteration_dir(tmp, 0), dtype, bar,
+                                                      checksums)
     except Exception as exc:  # cleaned up below, whatever it was
         failure = exc
-    _finish(out, tmp, None, 0, failure)
+    _finish(out, tmp, None, 0, failure, checksums, hashed)
     return MegatronConvertResult(out, grower.large, layout.world, written)
 
 
@@ -163,25 +165,39 @@ def _shared_tmp_dir(out: Path, overwrite: bool, src: Path, dist, rank: int) -> P
     return Path(names[0])
 
 
-def _finish(out: Path, tmp: Path, dist, rank: int, failure: BaseException | None) -> None:
-    """All processes agree on success; then rank 0 writes the tracker file last and renames. On any
-    failure the temporary directory is removed and nothing appears at ``out``."""
+def _finish(out: Path, tmp: Path, dist, rank: int, failure: BaseException | None, checksums: bool,
+            hashed: dict[str, dict] | None = None) -> None:
+    """All processes agree on success; then rank 0 writes the tracker file (the completion marker), the
+    checksum manifest is written (files not in ``hashed`` are hashed now, by every process, shared out),
+    and rank 0 renames.
+    On any failure the temporary directory is removed and nothing appears at ``out``."""
+    from hyperclone_dist.checkpoint.manifest import write_manifest, write_manifests_together
 
     failed = torch.tensor([1 if failure else 0])
     if dist:
         dist.all_reduce(failed)
-    if failed.item():
+    try:
+        if failed.item():
+            if isinstance(failure, OSError):
+                raise HypercloneError(f"cannot write {out}: {failure.strerror or failure}; nothing was kept")
+            if failure is not None:
+                raise failure
+            raise HypercloneError("another conversion process failed; nothing was kept")
+        if rank == 0:
+            (tmp / legacy.TRACKER).write_text("0\n")
+        if dist:
+            dist.barrier()  # every process lists the finished directory
+            if checksums:
+                write_manifests_together([tmp])
+        elif checksums:
+            write_manifest(tmp, hashed=hashed)
+        if rank == 0:
+            publish(tmp, out, manifest=False)
+    except BaseException:
         if dist:
             dist.barrier()
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(failure, OSError):
-            raise HypercloneError(f"cannot write {out}: {failure.strerror or failure}; nothing was kept")
-        if failure is not None:
-            raise failure
-        raise HypercloneError("another conversion process failed; nothing was kept")
-    if rank == 0:
-        (tmp / legacy.TRACKER).write_text("0\n")  # the completion marker, written last
-        publish(tmp, out)
+        raise
     if dist:
         dist.barrier()

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from hyperclone_dist.checkpoint.atomic import publish
+from hyperclone_dist.checkpoint.manifest import write_manifests_together
 from hyperclone_dist.errors import HypercloneError
 
 DS_TAG_FILE = "latest"
@@ -106,7 +107,7 @@ def save_checkpoint(engine, chunks: list, save_dir: str | Path, step: int, train
     if rank == 0:
         (ds_tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
     if checksums:
-        _write_manifests([ds_tmp, it_tmp], rank, dist.get_world_size())
+        write_manifests_together([ds_tmp, it_tmp])
     if rank == 0:
         publish(ds_tmp, root / tag, manifest=False)
         publish(it_tmp, root / it_name, manifest=False)
@@ -114,46 +115,6 @@ def save_checkpoint(engine, chunks: list, save_dir: str | Path, step: int, train
         _write_atomic(root / legacy.TRACKER, f"{step}\n")  # the completion marker, last
     dist.barrier()
     return root / tag
-
-
-def _write_manifests(dirs: list[Path], rank: int, world: int) -> None:
-    """Collective: a checksum manifest in each of ``dirs``. Every rank hashes a share of the files (largest
-    first, to the least loaded rank) and rank 0 writes the manifests. Cost: one more read of the files just
-    written, hashed at ~0.8 GB/s a core (tensor bytes twice: file and tensor digests); spread over the job,
-    1 TB of state on 64 ranks adds ~20 s to a save, where one hashing rank would hold the others at the
-    barrier for ~20 min. ``save_checkpoint(checksums=False)`` skips it."""
-    from hyperclone_dist.checkpoint.manifest import file_entries, list_files, write_manifest
-
-    plan = [None]
-    if rank == 0:  # one process lists the files and deals them out: every rank hashes an agreed share
-        shares, load = [[] for _ in range(world)], [0] * world
-        files = [(size, d, rel) for d, root in enumerate(dirs) for rel, size in list_files(root)]
-        for size, d, rel in sorted(files, reverse=True):
-            k = load.index(min(load))
-            shares[k].append((d, rel))
-            load[k] += size
-        plan = [shares]
-    dist.broadcast_object_list(plan, src=0)
-    mine: list = [{} for _ in dirs]
-    try:
-        for d, root in enumerate(dirs):
-            mine[d] = file_entries(root, [rel for dd, rel in plan[0][rank] if dd == d])
-    except OSError as exc:
-        mine = f"cannot hash the checkpoint under {dirs[0].parent}: {exc.strerror or exc}"
-    gathered = [None] * world if rank == 0 else None
-    dist.gather_object(mine, gathered, dst=0)
-    error = [None]
-    if rank == 0:
-        error = [next((g for g in gathered if isinstance(g, str)), None)]
-        if error[0] is None:
-            try:
-                for d, root in enumerate(dirs):
-                    write_manifest(root, {rel: e for g in gathered for rel, e in g[d].items()})
-            except OSError as exc:
-                error = [f"cannot write the checksum manifest under {dirs[0].parent}: {exc.strerror or exc}"]
-    dist.broadcast_object_list(error, src=0)
-    if error[0]:
-        raise HypercloneError(error[0])
 
 
 def latest_training_state(load_dir: str | Path) -> dict | None:
