@@ -161,3 +161,38 @@ def test_torch_dist_from_too_few_processes_is_refused(tiny_model_dirs, tmp_path)
     errors = [line for line in proc.stderr.splitlines() if "hyperclone convert: error" in line]
     assert proc.returncode != 0 and errors and "torchrun --nproc_per_node 4" in errors[0], proc.stderr[-2000:]
     assert not (tmp_path / "x").exists()
+
+
+def test_torch_dist_from_one_process_equals_one_process_per_rank(tiny_model_dirs, tmp_path):
+    """The single process (writer thread, O_DIRECT, digests taken while writing) saves every tensor chunk
+    with the same bytes as four torchrun processes through megatron's own writers (which split a rank's
+    items over two files); its manifest equals one computed afterwards by reading every file back."""
+    import json
+
+    from hyperclone_dist.checkpoint.manifest import MANIFEST, file_entries, list_files
+
+    src = tiny_model_dirs["llama-gqa2"]
+    flags = ["--format", "torch_dist", "--tp", "2", "--pp", "2", "--width-factor", "2", "--method", "noisy",
+             "--no-progress"]
+    one, four = tmp_path / "one", tmp_path / "four"
+    assert single("convert", str(src), "--out", str(one), *flags).returncode == 0
+    proc = torchrun(4, "convert", str(src), "--out", str(four), *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def chunk_digests(root: Path) -> dict[str, str]:
+        files = json.loads((root / MANIFEST).read_text())["files"]
+        return {t["name"]: t["hash"] for rel, entry in files.items() if rel.endswith(".distcp")
+                for t in entry["tensors"]}
+
+    written_by_one = chunk_digests(one)
+    assert len(written_by_one) > 20 and written_by_one == chunk_digests(four)
+    assert len(list((one / "iter_0000000").glob("__*_0.distcp"))) == 4  # one file per rank
+
+    def by_offset(entry: dict) -> dict:
+        return {**entry, "tensors": sorted(entry.get("tensors", []), key=lambda t: t["offset"])}
+
+    manifest = json.loads((one / MANIFEST).read_text())["files"]
+    reread = file_entries(one, [rel for rel, _ in list_files(one)])
+    assert {rel: by_offset(e) for rel, e in manifest.items()} == {rel: by_offset(e) for rel, e in reread.items()}
+    assert single("convert", str(src), "--out", str(tmp_path / "bare"), "--no-checksums", *flags).returncode == 0
+    assert not (tmp_path / "bare" / MANIFEST).exists()

@@ -3,26 +3,30 @@
 megatron's ``dist_checkpointing.save`` is collective: every rank plans its writes, the coordinator
 gathers the plans into the checkpoint's global metadata, every rank writes its own ``__<rank>_*.distcp``
 files. Here a single process becomes rank r of the layout (a ``fake`` process group: collectives are
-no-ops), builds and fills only that rank's GPTModel chunks, lets megatron plan and write that rank's
-files, keeps the rank's plan and write results (a few KB), drops the model, and goes on to rank r+1.
-With every plan in hand it writes the global metadata exactly as the coordinator would. The files are
-the ones a real tp x pp job writes, with one rank's shard in memory at a time.
+no-ops), builds and fills only that rank's GPTModel chunks, lets megatron plan that rank's files, keeps
+the rank's plan and write results (a few KB), and goes on to rank r+1. With every plan in hand it writes
+the global metadata exactly as the coordinator would. The files are the ones a real tp x pp job writes.
+
+Rank r's files are written by megatron's own file writer on a writer thread while the main thread grows
+rank r+1 (torch ops, file writes and fsync release the GIL), instead of in the writer processes megatron
+forks for each save: so at most two ranks' shards are in memory at once, and both cores of a small
+machine are busy.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
-import logging
+import queue
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from hyperclone_dist.checkpoint.small_pt import is_short_write, os_error_behind
+from hyperclone_dist.checkpoint.direct_file import DirectFile
+from hyperclone_dist.checkpoint.manifest import ALGORITHM
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.growth.grow import Grower
-from hyperclone_dist.megatron import legacy
 from hyperclone_dist.megatron.mapping import Layout
 
 
@@ -31,26 +35,84 @@ def _recording_strategy():
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     class RecordingStrategy(TorchDistSaveShardedStrategy):
-        """megatron's torch_dist writer minus the global step: keeps (local plan, write results)."""
+        """megatron's torch_dist writer minus the global step and the writing: a save plans the rank's
+        files (and copies the tensors megatron copies) and leaves them in ``pending``."""
 
         def __init__(self):
             super().__init__("torch_dist", 1, thread_count=1)
-            self.records: list = []
+            self.pending: tuple | None = None
 
         def _get_save_and_finalize_callbacks(self, writer, save_state_dict_ret):
-            save_fn, preload_fn, args = writer.get_save_function_and_args()
+            self.pending = (self.cached_local_plan, writer.write_buckets or [],
+                            [writer.transforms] if hasattr(writer, "transforms") else [])
+            return AsyncRequest(None, (), [])
 
-            def record():
-                results = writer.retrieve_write_results()
-                if isinstance(results, tuple):  # a wrapped worker exception
-                    if is_short_write(results[0]):  # disk full or a file-size limit: name it
-                        raise os_error_behind(Path(writer.path), results[0])
-                    raise HypercloneError(f"writing a torch_dist shard failed: {results[0]}")
-                self.records.append((self.cached_local_plan, results))
-
-            return AsyncRequest(save_fn, args, [record], preload_fn=preload_fn)
+        def take_pending(self) -> tuple:
+            pending, self.pending = self.pending, None
+            return pending
 
     return RecordingStrategy()
+
+
+def _write_files(buckets: list, transforms: list, hashed: bool) -> tuple[list, dict[str, tuple]]:
+    """Write one rank's ``.distcp`` files in this thread; returns megatron's write results and, per file
+    name, (size, digest, [(offset, length, digest) of each saved item]) for the checksum manifest.
+
+    The loop of megatron's ``FileSystemWriterAsync.write_preloaded_data`` (each item through PyTorch DCP's
+    ``_write_item``, so the bytes are the same), into a DirectFile instead of ``open(path, "wb")``."""
+    from torch.distributed.checkpoint.filesystem import SerializationFormat, _write_item
+
+    results, digests = [], {}
+    for path, storage_key, (bytes_data, tensor_data) in buckets:
+        with DirectFile(path, ALGORITHM if hashed else None) as stream:
+            for item, data in [*bytes_data, *tensor_data]:
+                stream.begin_range()
+                results.append(_write_item(*transforms, stream, data, item, storage_key,
+                                           serialization_format=SerializationFormat.TORCH_SAVE))
+                stream.end_range()
+        digests[Path(path).name] = (stream.tell(), stream.hexdigest(), stream.ranges)
+    return results, digests
+
+
+class _ParameterMemory:
+    """Hands the memory of a written rank's parameters to a rank built later, tensor by tensor of the
+    same shape and dtype (ranks of one pipeline stage match exactly). Freshly mapped pages are what
+    growing into new parameters costs most on a VM (each is faulted in, zeroed, and on some hosts first
+    fetched from the hypervisor); reused ones are already resident. Memory stays at two ranks' shards."""
+
+    def __init__(self):
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+
+    def take_back(self, chunks: list) -> None:
+        """A written rank: keep its parameters' tensors, drop whatever an earlier rank left unused."""
+        self._free = {}
+        for param in _parameters(chunks):
+            self._free.setdefault((tuple(param.shape), param.dtype), []).append(param.data)
+            param.data = torch.empty(0, dtype=param.dtype)  # the module no longer holds the memory
+
+    def lend(self, chunks: list) -> None:
+        """A rank just built (its parameters allocated, never touched): reuse memory where shapes match."""
+        for param in _parameters(chunks):
+            free = self._free.get((tuple(param.shape), param.dtype))
+            if free:
+                param.data = free.pop()
+
+
+def _parameters(chunks: list) -> list[torch.Tensor]:
+    return [param for chunk in chunks for param in chunk.parameters()]
+
+
+@contextlib.contextmanager
+def _in_process_results_queue():
+    """No multiprocessing Manager for megatron's write results: nothing here runs in another process."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    before = filesystem_async._results_queue
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = before
 
 
 @contextlib.contextmanager
@@ -65,18 +127,6 @@ def _coordinator_sees_only_itself():
         yield
     finally:
         _DistWrapper.gather_object = original
-
-
-@contextlib.contextmanager
-def _quiet_writer_log():
-    """megatron logs a failed shard write before the error reaches ``record``, which reports it once."""
-    log = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
-    level = log.level
-    log.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
 
 
 def _become_rank(rank: int, layout: Layout) -> None:
@@ -98,48 +148,95 @@ def _become_rank(rank: int, layout: Layout) -> None:
 
 
 def save_grown_serially(grower: Grower, layout: Layout, iteration_dir: Path, dtype: torch.dtype,
-                        progress=None) -> int:
-    """Write the whole torch_dist checkpoint from this process, rank by rank; returns bytes written.
-    Must not run inside another process group (it creates and destroys its own)."""
+                        progress=None, checksums: bool = True) -> tuple[int, dict[str, dict]]:
+    """Write the whole torch_dist checkpoint from this process, rank by rank. Returns the bytes of the
+    parameters written and the checksum manifest's entries of the ``.distcp`` files (paths relative to
+    the checkpoint directory, the parent of ``iteration_dir``), hashed as they were written ({} without
+    ``checksums``). Must not run inside another process group (it creates
+    and destroys its own)."""
     from megatron.core import dist_checkpointing, parallel_state
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
 
     from hyperclone_dist.megatron.model import build_gpt_model
     from hyperclone_dist.megatron.torch_dist import fill_from_grower, model_state
-    from hyperclone_dist.megatron.writer_queue import own_results_queue
 
     if dist.is_initialized():
         raise HypercloneError("serial torch_dist conversion runs in a process without a process group")
     iteration_dir.mkdir(parents=True, exist_ok=True)
-    own_results_queue()  # megatron's writer Manager dies with this process, even by SIGKILL
     strategy = _recording_strategy()
+    plans, results, digests = [], [], {}  # each rank's local plan and write results, in rank order
+    memory = _ParameterMemory()
     written = 0
+    writing: tuple[object, Future, list] | None = None  # the rank whose files the writer thread is writing
+
+    def collect() -> None:
+        plan, future, chunks = writing
+        rank_results, rank_digests = future.result()  # raises what stopped the writer
+        plans.append(plan)
+        results.append(rank_results)
+        digests.update(rank_digests)
+        memory.take_back(chunks)
+        if progress is not None:
+            progress.update(1)
+
     try:
-        with _coordinator_sees_only_itself(), _quiet_writer_log():
-            for rank in range(layout.world):
-                _become_rank(rank, layout)
-                chunks = build_gpt_model(grower.large, dtype=dtype, perform_initialization=False,
-                                         vocab_divisible_by=layout.vocab_divisible_by)
-                fill_from_grower(chunks, grower, layout, parallel_state.get_tensor_model_parallel_rank(),
-                                 parallel_state.get_pipeline_model_parallel_rank())
-                state = model_state(chunks, grower, layout, dtype)
-                dist_checkpointing.save(state, str(iteration_dir), sharded_strategy=strategy,
-                                        validate_access_integrity=False)
-                written += sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
-                del chunks, state
-                gc.collect()
-                if progress is not None:
-                    progress.update(1)
-        plans = [plan for plan, _ in strategy.records]
-        results = [result for _, result in strategy.records]
-        planner = MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False)
-        _, metadata = planner.create_global_plan(plans)
-        metadata.all_local_plans = plans
-        FileSystemWriterAsync(str(iteration_dir)).finish(metadata, results)
+        with (ThreadPoolExecutor(1, thread_name_prefix="distcp-writer") as writer, _in_process_results_queue(),
+              _coordinator_sees_only_itself()):
+            try:
+                for rank in range(layout.world):
+                    _become_rank(rank, layout)
+                    chunks = build_gpt_model(grower.large, dtype=dtype, perform_initialization=False,
+                                             vocab_divisible_by=layout.vocab_divisible_by)
+                    memory.lend(chunks)
+                    fill_from_grower(chunks, grower, layout, parallel_state.get_tensor_model_parallel_rank(),
+                                     parallel_state.get_pipeline_model_parallel_rank())
+                    dist_checkpointing.save(model_state(chunks, grower, layout, dtype), str(iteration_dir),
+                                            sharded_strategy=strategy, validate_access_integrity=False)
+                    plan, buckets, transforms = strategy.take_pending()
+                    written += sum(p.numel() * p.element_size() for p in _parameters(chunks))
+                    if writing is not None:
+                        collect()  # rank r-1 is on disk before rank r's files start: two ranks in memory at most
+                    writing = (plan, writer.submit(_write_files, buckets, transforms, checksums), chunks)
+                    del chunks, buckets
+                collect()
+            finally:
+                if writing is not None:
+                    writing[1].cancel()
+        metadata = _write_global_metadata(iteration_dir, plans, results)
     finally:
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
-    return written
+    return written, _manifest_entries(iteration_dir, metadata, results, digests) if checksums else {}
+
+
+def _write_global_metadata(iteration_dir: Path, plans: list, results: list):
+    """What the coordinator of a real job writes last: ``.metadata``, from every rank's plan and results."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
+
+    planner = MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False)
+    _, metadata = planner.create_global_plan(plans)
+    metadata.all_local_plans = plans
+    FileSystemWriterAsync(str(iteration_dir)).finish(metadata, results)
+    return metadata
+
+
+def _manifest_entries(iteration_dir: Path, metadata, results: list, digests: dict) -> dict[str, dict]:
+    """Manifest entries of the ``.distcp`` files, named as ``manifest.file_entries`` names them, from the
+    digests taken while writing."""
+    from hyperclone_dist.checkpoint.manifest import chunk_name
+
+    entries = {}
+    by_offset = {(r.storage_data.relative_path, r.storage_data.offset): r for rank in results for r in rank}
+    for name, (size, digest, ranges) in digests.items():
+        tensors = []
+        for offset, length, range_digest in ranges:
+            found = by_offset[(name, offset)]
+            if found.storage_data.length != length:  # the write results and the bytes hashed must agree
+                raise HypercloneError(f"{name}: item at {offset} is {found.storage_data.length} bytes in the "
+                                      f"write results, {length} hashed")
+            tensors.append({"name": chunk_name(metadata, found.index), "offset": offset, "length": length,
+                            "hash": range_digest})
+        entries[f"{iteration_dir.name}/{name}"] = {"size": size, "hash": digest, "tensors": tensors}
+    return entries

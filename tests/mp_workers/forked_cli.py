@@ -57,6 +57,14 @@ def digests(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _opens_for_writing(args: tuple) -> bool:
+    """The "open" audit event: (path, mode, flags); mode is None for os.open, which passes flags."""
+    mode, flags = args[1], args[2] if len(args) > 2 else 0
+    if isinstance(mode, str):
+        return mode[:1] in "wax"
+    return isinstance(flags, int) and bool(flags & (os.O_WRONLY | os.O_RDWR))
+
+
 def _audit_hook(spec: dict, pid: int):
     seen, fired = [0], [False]
     sig = getattr(signal, spec.get("signal", "SIGKILL"))
@@ -64,7 +72,7 @@ def _audit_hook(spec: dict, pid: int):
     def hook(event: str, args: tuple) -> None:
         if fired[0] or event != spec["event"] or not args:
             return
-        if event == "open" and not (isinstance(args[1], str) and args[1][:1] in "wax"):
+        if event == "open" and not _opens_for_writing(args):
             return  # reads do not count
         if spec["path_has"] not in str(args[0]):
             return
