@@ -164,9 +164,9 @@ def test_torch_dist_from_too_few_processes_is_refused(tiny_model_dirs, tmp_path)
 
 
 def test_torch_dist_from_one_process_equals_one_process_per_rank(tiny_model_dirs, tmp_path):
-    """The single process (writer thread, O_DIRECT, digests taken while writing) saves every tensor chunk
-    with the same bytes as four torchrun processes through megatron's own writers (which split a rank's
-    items over two files); its manifest equals one computed afterwards by reading every file back."""
+    """The single process (every rank in turn, a writer thread) saves every chunk with the same bytes as four
+    torchrun processes (one rank each); both take the digests while writing, and the single process's
+    manifest equals one computed afterwards by reading every file back."""
     import json
 
     from hyperclone_dist.checkpoint.manifest import MANIFEST, file_entries, list_files

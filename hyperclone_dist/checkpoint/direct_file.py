@@ -26,7 +26,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses: a multiple of the logical block size
-BUFFER_BYTES = 16 << 20
+BUFFER_BYTES = 4 << 20  # one O_DIRECT write; small beside a shard (it counts in the per-process memory bound)
 
 
 class DirectFile(io.RawIOBase):

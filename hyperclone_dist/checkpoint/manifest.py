@@ -355,18 +355,24 @@ def write_manifest(root: Path, entries: dict[str, dict] | None = None,
     return root / MANIFEST
 
 
-def write_manifests_together(dirs: list[Path]) -> None:
-    """Collective over the default process group: a manifest in each of ``dirs``. Every process hashes a
-    share of the files (largest first, to the least loaded process) and rank 0 writes the manifests.
-    Spread over the job, 1 TB of state on 64 ranks adds ~20 s, where one hashing rank would hold the
-    others for ~20 min. Raises HypercloneError on every rank if any rank failed."""
+def write_manifests_together(dirs: list[Path], hashed: list[dict[str, dict]] | None = None) -> None:
+    """Collective over the default process group: a manifest in each of ``dirs``. ``hashed``: per dir,
+    entries this process computed while writing its files. Every other file is hashed now by one process,
+    shared out largest first to the least loaded, and rank 0 writes the manifests. Spread over the job,
+    1 TB of state on 64 ranks adds ~20 s, where one hashing rank would hold the others for ~20 min.
+    Raises HypercloneError on every rank if any rank failed."""
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    plan = [None]
+    mine_hashed = hashed or [{} for _ in dirs]
+    all_hashed = [None] * world if rank == 0 else None
+    dist.gather_object(mine_hashed, all_hashed, dst=0)
+    plan, done = [None], [{} for _ in dirs]
     if rank == 0:  # one process lists the files and deals them out: every rank hashes an agreed share
+        done = [{rel: e for h in all_hashed for rel, e in h[d].items()} for d in range(len(dirs))]
         shares, load = [[] for _ in range(world)], [0] * world
-        files = [(size, d, rel) for d, root in enumerate(dirs) for rel, size in list_files(root)]
+        files = [(size, d, rel) for d, root in enumerate(dirs) for rel, size in list_files(root)
+                 if rel not in done[d]]
         for size, d, rel in sorted(files, reverse=True):
             k = load.index(min(load))
             shares[k].append((d, rel))
@@ -387,7 +393,7 @@ def write_manifests_together(dirs: list[Path]) -> None:
         if error[0] is None:
             try:
                 for d, root in enumerate(dirs):
-                    write_manifest(root, {rel: e for g in gathered for rel, e in g[d].items()})
+                    write_manifest(root, {**done[d], **{rel: e for g in gathered for rel, e in g[d].items()}})
             except OSError as exc:
                 error = [f"cannot write the checksum manifest under {dirs[0].parent}: {exc.strerror or exc}"]
     dist.broadcast_object_list(error, src=0)

@@ -124,12 +124,12 @@ def _convert_torch_dist(src: Path, out: Path, grower: Grower, layout: Layout, dt
     dist = _dist()
     rank = dist.get_rank()
     tmp = _shared_tmp_dir(out, overwrite, src, dist, rank)
-    failure, written = None, 0
+    failure, written, hashed = None, 0, {}
     try:
-        written = torch_dist.save_grown(grower, layout, legacy.iteration_dir(tmp, 0), dtype)
+        written, hashed = torch_dist.save_grown(grower, layout, legacy.iteration_dir(tmp, 0), dtype, checksums)
     except Exception as exc:  # every process must reach _finish, or the others wait forever
         failure = exc
-    _finish(out, tmp, dist, rank, failure, checksums)
+    _finish(out, tmp, dist, rank, failure, checksums, hashed)
     return MegatronConvertResult(out, grower.large, 1, written)
 
 
@@ -188,7 +188,7 @@ def _finish(out: Path, tmp: Path, dist, rank: int, failure: BaseException | None
         if dist:
             dist.barrier()  # every process lists the finished directory
             if checksums:
-                write_manifests_together([tmp])
+                write_manifests_together([tmp], [hashed or {}])
         elif checksums:
             write_manifest(tmp, hashed=hashed)
         if rank == 0:

@@ -70,13 +70,20 @@ def model_state(chunks: list, grower: Grower, layout: Layout, dtype: torch.dtype
     return state
 
 
-def save_grown(grower: Grower, layout: Layout, iteration_dir: Path, dtype: torch.dtype) -> int:
+def save_grown(grower: Grower, layout: Layout, iteration_dir: Path, dtype: torch.dtype,
+               checksums: bool = True) -> tuple[int, dict[str, dict]]:
     """Collective over the job: every process holds one model-parallel rank (initialised by
-    ``init_model_parallel``); returns the bytes of this rank's shard."""
+    ``init_model_parallel``). Returns the bytes of this rank's shard and the manifest entries of the files
+    it wrote, hashed while writing ({} without ``checksums``)."""
     from megatron.core import dist_checkpointing, parallel_state
+    from torch.distributed.checkpoint import FileSystemReader
 
+    from hyperclone_dist.megatron.distcp_writer import (
+        direct_write_strategy,
+        in_process_results_queue,
+        manifest_entries,
+    )
     from hyperclone_dist.megatron.model import build_gpt_model
-    from hyperclone_dist.megatron.writer_queue import own_results_queue
 
     chunks = build_gpt_model(grower.large, dtype=dtype, perform_initialization=False,
                              vocab_divisible_by=layout.vocab_divisible_by)
@@ -84,9 +91,18 @@ def save_grown(grower: Grower, layout: Layout, iteration_dir: Path, dtype: torch
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     fill_from_grower(chunks, grower, layout, tp_rank, pp_rank)
     iteration_dir.mkdir(parents=True, exist_ok=True)
-    own_results_queue()  # megatron's writer Manager dies with this process, even by SIGKILL
-    dist_checkpointing.save(model_state(chunks, grower, layout, dtype), str(iteration_dir))
-    return sum(p.numel() * p.element_size() for chunk in chunks for p in chunk.parameters())
+    strategy = direct_write_strategy(checksums)
+    with in_process_results_queue():  # no multiprocessing Manager: nothing is written by another process
+        dist_checkpointing.save(model_state(chunks, grower, layout, dtype), str(iteration_dir),
+                                sharded_strategy=strategy)
+    if strategy.failure is not None:  # every rank finished the collective save; the caller agrees on failure
+        raise strategy.failure
+    written = sum(p.numel() * p.element_size() for chunk in chunks for p in chunk.parameters())
+    if not checksums:
+        return written, {}
+    results, digests = strategy.written
+    metadata = FileSystemReader(str(iteration_dir)).read_metadata()  # the coordinator's, complete after the save
+    return written, manifest_entries(iteration_dir, metadata, [results], digests)
 
 
 def read_args(iteration_dir: Path) -> argparse.Namespace:

@@ -7,26 +7,23 @@ no-ops), builds and fills only that rank's GPTModel chunks, lets megatron plan t
 the rank's plan and write results (a few KB), and goes on to rank r+1. With every plan in hand it writes
 the global metadata exactly as the coordinator would. The files are the ones a real tp x pp job writes.
 
-Rank r's files are written by megatron's own file writer on a writer thread while the main thread grows
-rank r+1 (torch ops, file writes and fsync release the GIL), instead of in the writer processes megatron
-forks for each save: so at most two ranks' shards are in memory at once, and both cores of a small
-machine are busy.
+Rank r's files are written (megatron/distcp_writer.py) on a writer thread while the main thread grows
+rank r+1 (torch ops, file writes and hashing release the GIL), instead of in the writer processes
+megatron forks for each save: at most two ranks' shards are in memory at once, and two cores are busy.
 """
 
 from __future__ import annotations
 
 import contextlib
-import queue
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from hyperclone_dist.checkpoint.direct_file import DirectFile
-from hyperclone_dist.checkpoint.manifest import ALGORITHM
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.growth.grow import Grower
+from hyperclone_dist.megatron.distcp_writer import in_process_results_queue, manifest_entries, write_files
 from hyperclone_dist.megatron.mapping import Layout
 
 
@@ -52,26 +49,6 @@ def _recording_strategy():
             return pending
 
     return RecordingStrategy()
-
-
-def _write_files(buckets: list, transforms: list, hashed: bool) -> tuple[list, dict[str, tuple]]:
-    """Write one rank's ``.distcp`` files in this thread; returns megatron's write results and, per file
-    name, (size, digest, [(offset, length, digest) of each saved item]) for the checksum manifest.
-
-    The loop of megatron's ``FileSystemWriterAsync.write_preloaded_data`` (each item through PyTorch DCP's
-    ``_write_item``, so the bytes are the same), into a DirectFile instead of ``open(path, "wb")``."""
-    from torch.distributed.checkpoint.filesystem import SerializationFormat, _write_item
-
-    results, digests = [], {}
-    for path, storage_key, (bytes_data, tensor_data) in buckets:
-        with DirectFile(path, ALGORITHM if hashed else None) as stream:
-            for item, data in [*bytes_data, *tensor_data]:
-                stream.begin_range()
-                results.append(_write_item(*transforms, stream, data, item, storage_key,
-                                           serialization_format=SerializationFormat.TORCH_SAVE))
-                stream.end_range()
-        digests[Path(path).name] = (stream.tell(), stream.hexdigest(), stream.ranges)
-    return results, digests
 
 
 class _ParameterMemory:
@@ -100,19 +77,6 @@ class _ParameterMemory:
 
 def _parameters(chunks: list) -> list[torch.Tensor]:
     return [param for chunk in chunks for param in chunk.parameters()]
-
-
-@contextlib.contextmanager
-def _in_process_results_queue():
-    """No multiprocessing Manager for megatron's write results: nothing here runs in another process."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    before = filesystem_async._results_queue
-    filesystem_async._results_queue = queue.Queue()
-    try:
-        yield
-    finally:
-        filesystem_async._results_queue = before
 
 
 @contextlib.contextmanager
@@ -179,7 +143,7 @@ def save_grown_serially(grower: Grower, layout: Layout, iteration_dir: Path, dty
             progress.update(1)
 
     try:
-        with (ThreadPoolExecutor(1, thread_name_prefix="distcp-writer") as writer, _in_process_results_queue(),
+        with (ThreadPoolExecutor(1, thread_name_prefix="distcp-writer") as writer, in_process_results_queue(),
               _coordinator_sees_only_itself()):
             try:
                 for rank in range(layout.world):
@@ -195,7 +159,7 @@ def save_grown_serially(grower: Grower, layout: Layout, iteration_dir: Path, dty
                     written += sum(p.numel() * p.element_size() for p in _parameters(chunks))
                     if writing is not None:
                         collect()  # rank r-1 is on disk before rank r's files start: two ranks in memory at most
-                    writing = (plan, writer.submit(_write_files, buckets, transforms, checksums), chunks)
+                    writing = (plan, writer.submit(write_files, buckets, transforms, checksums), chunks)
                     del chunks, buckets
                 collect()
             finally:
@@ -207,7 +171,7 @@ def save_grown_serially(grower: Grower, layout: Layout, iteration_dir: Path, dty
             parallel_state.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
-    return written, _manifest_entries(iteration_dir, metadata, results, digests) if checksums else {}
+    return written, manifest_entries(iteration_dir, metadata, results, digests) if checksums else {}
 
 
 def _write_global_metadata(iteration_dir: Path, plans: list, results: list):
@@ -220,23 +184,3 @@ def _write_global_metadata(iteration_dir: Path, plans: list, results: list):
     metadata.all_local_plans = plans
     FileSystemWriterAsync(str(iteration_dir)).finish(metadata, results)
     return metadata
-
-
-def _manifest_entries(iteration_dir: Path, metadata, results: list, digests: dict) -> dict[str, dict]:
-    """Manifest entries of the ``.distcp`` files, named as ``manifest.file_entries`` names them, from the
-    digests taken while writing."""
-    from hyperclone_dist.checkpoint.manifest import chunk_name
-
-    entries = {}
-    by_offset = {(r.storage_data.relative_path, r.storage_data.offset): r for rank in results for r in rank}
-    for name, (size, digest, ranges) in digests.items():
-        tensors = []
-        for offset, length, range_digest in ranges:
-            found = by_offset[(name, offset)]
-            if found.storage_data.length != length:  # the write results and the bytes hashed must agree
-                raise HypercloneError(f"{name}: item at {offset} is {found.storage_data.length} bytes in the "
-                                      f"write results, {length} hashed")
-            tensors.append({"name": chunk_name(metadata, found.index), "offset": offset, "length": length,
-                            "hash": range_digest})
-        entries[f"{iteration_dir.name}/{name}"] = {"size": size, "hash": digest, "tensors": tensors}
-    return entries
