@@ -5,7 +5,7 @@
 
 Imports what a conversion imports, reads the resident set (the interpreter baseline), runs
 ``hyperclone_dist.cli.main.main(argv)`` unchanged, then writes ``DIR/rank-<RANK>.json``: baseline and peak
-(VmHWM) of this process, the peak of its children (megatron's forked checkpoint writers), timestamps and CPU
+(VmHWM) of this process, the peak of its children (forked checkpoint writers, if any), timestamps and CPU
 seconds (user + system: after imports, at exit, of its children). With HYPERCLONE_BENCH_PROFILE=<rank>
 that rank runs under cProfile (CPU time) and also writes ``DIR/rank-<RANK>.prof``.
 """
@@ -43,7 +43,7 @@ def cpu_seconds(who: int) -> float:
 def main() -> int:
     started = time.time()
     import_converter()
-    from _common import status_kib  # here: megatron's spawned results queue re-imports this file
+    from _common import status_kib  # here: a spawned child process re-imports this file
     rank = int(os.environ.get("RANK", "0"))
     record = {"rank": rank, "baseline": status_kib("VmRSS") * 1024, "started": started,
               "imported": time.time(), "cpu_imports": cpu_seconds(resource.RUSAGE_SELF)}

@@ -135,7 +135,8 @@ def _convert_torch_dist(src: Path, out: Path, grower: Grower, layout: Layout, dt
 
 def _convert_torch_dist_serially(src: Path, out: Path, grower: Grower, layout: Layout, dtype: torch.dtype,
                                  overwrite: bool, progress: bool, checksums: bool) -> MegatronConvertResult:
-    """A single process writes every rank in turn, holding one rank's shard at a time."""
+    """A single process writes every rank in turn, holding two ranks' shards at a time (one growing, one
+    being written)."""
     from hyperclone_dist.megatron.torch_dist_serial import save_grown_serially
 
     tmp = make_partial_dir(out, overwrite, src)
@@ -186,8 +187,7 @@ def _finish(out: Path, tmp: Path, dist, rank: int, failure: BaseException | None
         if rank == 0:
             (tmp / legacy.TRACKER).write_text("0\n")
         if dist:
-            dist.barrier()  # every process lists the finished directory
-            if checksums:
+            if checksums:  # rank 0 lists the files, after its tracker; the others' files closed before all_reduce
                 write_manifests_together([tmp], [hashed or {}])
         elif checksums:
             write_manifest(tmp, hashed=hashed)

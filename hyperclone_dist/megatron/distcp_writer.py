@@ -39,6 +39,11 @@ def write_files(buckets: list, transforms: list, hashed: bool) -> tuple[list, di
     return results, digests
 
 
+def writer_transforms(writer) -> list:
+    """The leading argument megatron passes to ``_write_item`` for ``writer`` (its stream transforms)."""
+    return [writer.transforms] if hasattr(writer, "transforms") else []
+
+
 def direct_write_strategy(checksums: bool):
     """megatron's torch_dist save strategy with the rank's files written in this process (``write_files``)
     during the save; megatron's own finalisation (write results gathered, ``.metadata`` written by the
@@ -54,7 +59,7 @@ def direct_write_strategy(checksums: bool):
             self.failure: Exception | None = None
 
         def _get_save_and_finalize_callbacks(self, writer, save_state_dict_ret):
-            transforms = [writer.transforms] if hasattr(writer, "transforms") else []
+            transforms = writer_transforms(writer)
 
             def save() -> None:
                 try:

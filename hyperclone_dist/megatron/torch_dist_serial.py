@@ -23,7 +23,12 @@ import torch.distributed as dist
 
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.growth.grow import Grower
-from hyperclone_dist.megatron.distcp_writer import in_process_results_queue, manifest_entries, write_files
+from hyperclone_dist.megatron.distcp_writer import (
+    in_process_results_queue,
+    manifest_entries,
+    write_files,
+    writer_transforms,
+)
 from hyperclone_dist.megatron.mapping import Layout
 
 
@@ -40,8 +45,7 @@ def _recording_strategy():
             self.pending: tuple | None = None
 
         def _get_save_and_finalize_callbacks(self, writer, save_state_dict_ret):
-            self.pending = (self.cached_local_plan, writer.write_buckets or [],
-                            [writer.transforms] if hasattr(writer, "transforms") else [])
+            self.pending = (self.cached_local_plan, writer.write_buckets or [], writer_transforms(writer))
             return AsyncRequest(None, (), [])
 
         def take_pending(self) -> tuple:
@@ -116,8 +120,7 @@ def save_grown_serially(grower: Grower, layout: Layout, iteration_dir: Path, dty
     """Write the whole torch_dist checkpoint from this process, rank by rank. Returns the bytes of the
     parameters written and the checksum manifest's entries of the ``.distcp`` files (paths relative to
     the checkpoint directory, the parent of ``iteration_dir``), hashed as they were written ({} without
-    ``checksums``). Must not run inside another process group (it creates
-    and destroys its own)."""
+    ``checksums``). Must not run inside another process group (it creates and destroys its own)."""
     from megatron.core import dist_checkpointing, parallel_state
 
     from hyperclone_dist.megatron.model import build_gpt_model
