@@ -14,7 +14,7 @@ from hyperclone_dist.checkpoint.hf_writer import write_hf_checkpoint
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.families import FAMILIES, match_hf_name
 from hyperclone_dist.hf_config import config_from_hf
-from hyperclone_dist.layout import split_hf
+from hyperclone_dist.hf_fusion import split_hf
 
 MIB = 1024**2
 

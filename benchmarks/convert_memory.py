@@ -50,8 +50,9 @@ from _rank_memory import OUT_ENV, PROFILE_ENV, import_converter
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.growth.grow import Grower
 from hyperclone_dist.growth.spec import GrowthSpec
+from hyperclone_dist.layout import Layout
 from hyperclone_dist.megatron import legacy
-from hyperclone_dist.megatron.mapping import Layout, chunk_params, local_shape, local_tensor
+from hyperclone_dist.megatron.mapping import chunk_params, local_shape, local_tensor
 from hyperclone_dist.params import parameter_count
 
 BOUND_FACTOR = 1.25
@@ -73,8 +74,8 @@ LAYOUT = Layout(tp=4, pp=2)
 PHASES = (
     ("megatron/parallel.py", "init_model_parallel", "process groups"),
     ("megatron/model.py", "build_gpt_model", "GPTModel construction"),
-    ("megatron/torch_dist.py", "fill_from_grower", "growth into the parameters"),
-    ("checkpoint/reader.py", "get", "  reading small tensors"),
+    ("megatron/weights.py", "fill_chunks", "growth into the parameters"),
+    ("checkpoint/hf_source.py", "get", "  reading small tensors"),
     ("growth/grow.py", "slice", "  Grower.slice (reads included)"),
     ("megatron/mapping.py", "local_tensor", "  local_tensor (slices, fusing, vocab padding)"),
     ("dist_checkpointing/serialization.py", "save", "dist_checkpointing.save"),

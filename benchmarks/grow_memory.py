@@ -38,7 +38,7 @@ from hyperclone_dist.convert import DTYPES, convert
 from hyperclone_dist.families import FAMILIES
 from hyperclone_dist.growth.grow import Grower
 from hyperclone_dist.growth.spec import GrowthSpec
-from hyperclone_dist.layout import fuse_hf
+from hyperclone_dist.hf_fusion import fuse_hf
 from hyperclone_dist.params import parameter_count
 
 BOUND_FACTOR = 1.3

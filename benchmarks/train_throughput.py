@@ -69,10 +69,10 @@ def bare_loop(small: Path, steps: int) -> list[float]:
     import torch
 
     from hyperclone_dist.train.args import parse_args
-    from hyperclone_dist.train.loop import Run, _prepare_environment
+    from hyperclone_dist.train.loop import Run, prepare_environment
     from hyperclone_dist.train.step import masked_mean, real_vocab_cross_entropy
 
-    _prepare_environment()
+    prepare_environment()
     from hyperclone_dist.megatron.parallel import init_distributed
 
     init_distributed()
@@ -137,7 +137,8 @@ def main() -> int:
                   f"launch -> first step {startup:5.1f} s")
     ours, bare = statistics.median(pretrain_rates), statistics.median(bare_rates)
     ratio = ours / bare
-    print(f"median tokens/s over {len(pretrain_rates)} steps each: pretrain.py {ours:.0f}, bare PyTorch loop {bare:.0f}")
+    print(f"median tokens/s over {len(pretrain_rates)} steps each: pretrain.py {ours:.0f}, "
+          f"bare PyTorch loop {bare:.0f}")
     print(f"ratio pretrain.py / bare loop: {ratio:.3f} (target >= {TARGET}): {'MET' if ratio >= TARGET else 'NOT met'}")
     print(f"launch -> first step with --clone-from (imports, process group, growth, data index, engine): "
           f"median {statistics.median(startups):.1f} s")

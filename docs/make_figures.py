@@ -16,13 +16,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from hyperclone_dist.builtin import random_state_dict  # noqa: E402
-from hyperclone_dist.config import ModelConfig  # noqa: E402
-from hyperclone_dist.growth.grow import Grower  # noqa: E402
-from hyperclone_dist.growth.spec import GrowthSpec  # noqa: E402
+from hyperclone_dist.builtin import random_state_dict
+from hyperclone_dist.config import ModelConfig
+from hyperclone_dist.growth.grow import Grower
+from hyperclone_dist.growth.spec import GrowthSpec
 
 HERE = Path(__file__).resolve().parent
 PARAM = "layers.0.attn.q.weight"

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from hyperclone_dist.config import ModelConfig
-from hyperclone_dist.growth.rules import rule_for
-from hyperclone_dist.params import canonical_shapes
+from hyperclone_dist.params import rule_for, stored_shapes
 
 BUILTIN = ModelConfig(
     family="llama", vocab_size=512, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -20,8 +19,8 @@ def random_state_dict(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor
     a wrong norm rule would show), small biases."""
     generator = torch.Generator().manual_seed(seed)
     state = {}
-    for name, shape in canonical_shapes(cfg, with_head=not cfg.tie_word_embeddings).items():
-        init = rule_for(name).init
+    for name, shape in stored_shapes(cfg).items():
+        init = rule_for(name).mup
         noise = torch.randn(shape, generator=generator)
         if init == "one":
             state[name] = 1.0 + 0.1 * noise

@@ -68,6 +68,10 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def learned_positions(self) -> bool:
+        return self.position_embedding == "learned"
+
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 

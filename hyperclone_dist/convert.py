@@ -9,11 +9,12 @@ import torch
 
 from hyperclone_dist.checkpoint.atomic import atomic_output_dir
 from hyperclone_dist.checkpoint.hf_writer import DEFAULT_SHARD_BYTES, write_hf_checkpoint
-from hyperclone_dist.checkpoint.reader import SourceCheckpoint
+from hyperclone_dist.checkpoint.manifest import write_manifest
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.growth.grow import Grower
 from hyperclone_dist.growth.spec import GrowthSpec
+from hyperclone_dist.sources import open_source
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FORMATS = ("hf",)
@@ -31,7 +32,8 @@ class ConvertResult:
 def convert(src: str | Path, out: str | Path, spec: GrowthSpec, *, fmt: str = "hf", dtype: str = "float32",
             overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
             checksums: bool = True) -> ConvertResult:
-    """Grow the checkpoint at ``src`` (HF directory or small.pt) by ``spec`` and write it to ``out``.
+    """Grow the checkpoint at ``src`` (HF directory, small.pt or megatron checkpoint) by ``spec`` and write it
+    to ``out``.
 
     Tensors are grown and written one at a time; ``out`` appears only once complete, and an existing
     checkpoint there is replaced only with ``overwrite=True``. ``src`` is opened read-only. ``checksums``:
@@ -44,10 +46,10 @@ def convert(src: str | Path, out: str | Path, spec: GrowthSpec, *, fmt: str = "h
     if shard_bytes < 1:
         raise HypercloneError(f"the shard size must be positive, got {shard_bytes / 2**30:g} GiB (--shard-size)")
     src, out = Path(src), Path(out)
-    source = SourceCheckpoint(src)
+    source = open_source(src)
     grower = Grower(source.config, spec, source.get, source.get_rows)
     canonical = {name: grower.shapes[name] for name in grower.names()}
-    with atomic_output_dir(out, overwrite=overwrite, source=src, manifest=checksums) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, source=src, finish=write_manifest if checksums else None) as tmp:
         largest = write_hf_checkpoint(tmp, grower.large, canonical, grower.full, DTYPES[dtype], shard_bytes,
                                       source_dir=src if src.is_dir() else None, progress=progress)
     return ConvertResult(out, source.config, grower.large, largest)

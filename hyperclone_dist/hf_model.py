@@ -9,13 +9,16 @@ from pathlib import Path
 
 import torch
 
-from hyperclone_dist.checkpoint.reader import SourceCheckpoint
+from hyperclone_dist.checkpoint.hf_source import HFSource
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.families import FAMILIES, hf_names_for
 from hyperclone_dist.hf_config import config_to_hf
-from hyperclone_dist.layout import fuse_hf
-from hyperclone_dist.params import canonical_shapes
+from hyperclone_dist.hf_fusion import fuse_hf
+from hyperclone_dist.params import canonical_shapes, is_tied_copy, stored_shapes
+from hyperclone_dist.sources import open_source
+
+# transformers is imported where a model is built: it takes seconds, and bad input is refused before.
 
 
 def _quiet_transformers():
@@ -45,16 +48,15 @@ def hf_model_from_config(cfg: ModelConfig, attn_implementation: str = "eager"):
 def hf_state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF-named state dict from canonical tensors (fusing where the family fuses)."""
     family = FAMILIES[cfg.family]
-    names = list(canonical_shapes(cfg, with_head=not cfg.tie_word_embeddings))
+    names = list(stored_shapes(cfg))
     return {hf_name: fuse_hf(family, template, [tensors[p] for p in parts], cfg)
             for hf_name, template, parts in hf_names_for(family, names)}
 
 
 def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "eager"):
-    """An HF model from an HF directory or a small.pt file, in ``dtype``, eval mode."""
-    path = Path(path)
-    if path.is_dir():
-        SourceCheckpoint(path)  # validates names and shapes with one-line errors first
+    """An HF model from an HF directory, a small.pt file or a megatron checkpoint, in ``dtype``, eval mode."""
+    source = open_source(path)  # validates names and shapes with one-line errors first
+    if isinstance(source, HFSource):
         transformers = _quiet_transformers()
         try:
             with contextlib.redirect_stderr(io.StringIO()):
@@ -63,12 +65,13 @@ def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32, attn_imp
         except (OSError, ValueError) as exc:
             raise HypercloneError(f"transformers cannot load {path}: {str(exc).splitlines()[0][:200]}") from None
         return model.eval()
-    source = SourceCheckpoint(path)
     cfg = source.config
     model = hf_model_from_config(cfg, attn_implementation)
-    tensors = {name: source.get(name) for name in canonical_shapes(cfg, with_head=not cfg.tie_word_embeddings)}
+    tensors = {name: source.get(name) for name in stored_shapes(cfg)}
     missing, unexpected = model.load_state_dict(hf_state_dict(cfg, tensors), strict=False)
-    missing = [k for k in missing if not (cfg.tie_word_embeddings and k.endswith("lm_head.weight"))]
+    tied = [name for name in canonical_shapes(cfg) if is_tied_copy(cfg, name)]
+    tied_hf = {hf_name for hf_name, _, _ in hf_names_for(FAMILIES[cfg.family], tied)}
+    missing = [k for k in missing if k not in tied_hf]
     if missing or unexpected:
         raise HypercloneError(f"{path}: HF model mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if cfg.tie_word_embeddings:

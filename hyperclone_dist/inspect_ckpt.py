@@ -7,18 +7,23 @@ import re
 from pathlib import Path
 
 from hyperclone_dist.checkpoint.manifest import MANIFEST, ManifestCheck, check_manifest
-from hyperclone_dist.checkpoint.reader import SourceCheckpoint
+from hyperclone_dist.checkpoint.source import stored_nbytes
+from hyperclone_dist.checkpoint.training_state import DS_TAG_FILE
 from hyperclone_dist.errors import HypercloneError
-from hyperclone_dist.params import canonical_shapes, parameter_count
+from hyperclone_dist.megatron import legacy
+from hyperclone_dist.megatron.load import read_iteration
+from hyperclone_dist.params import parameter_count, stored_shapes
+from hyperclone_dist.sources import open_source
 
 
 def describe(path: str | Path, tensors: bool = False) -> str:
-    source = SourceCheckpoint(path)
+    source = open_source(path)
     cfg = source.config
     lines = [
         f"path        {source.path} ({source.kind})",
         f"family      {cfg.family}",
-        f"parameters  {parameter_count(cfg):,} ({source.nbytes / 2**20:.1f} MiB, {str(source.dtype).removeprefix('torch.')})",
+        f"parameters  {parameter_count(cfg):,} ({stored_nbytes(source) / 2**20:.1f} MiB, "
+        f"{str(source.dtype).removeprefix('torch.')})",
         (f"shape       layers {cfg.num_layers}, hidden {cfg.hidden_size}, heads {cfg.num_heads} "
          f"(kv {cfg.num_kv_heads}, head_dim {cfg.head_dim}), ffn {cfg.ffn_hidden_size}"
          f"{' gated' if cfg.gated_mlp else ''}, vocab {cfg.vocab_size}, context {cfg.max_position_embeddings}"),
@@ -27,7 +32,7 @@ def describe(path: str | Path, tensors: bool = False) -> str:
          f"{', parallel residual' if cfg.parallel_residual else ''}{'' if cfg.pre_norm else ', post-LN'}"),
     ]
     if tensors:
-        for name, shape in canonical_shapes(cfg, with_head=not cfg.tie_word_embeddings).items():
+        for name, shape in stored_shapes(cfg).items():
             lines.append(f"  {name:<40} {list(shape)}")
     return "\n".join(lines)
 
@@ -36,10 +41,6 @@ def manifest_dirs(path: str | Path) -> list[Path]:
     """The directories ``--check`` verifies: ``path`` itself when it holds a manifest (HF, converted or exported
     megatron checkpoints, one training step's directory); for a ``pretrain.py --save`` directory, its latest
     checkpoint: the DeepSpeed tag named by ``latest`` and the ``iter_*`` named by the megatron tracker."""
-    from hyperclone_dist.megatron import legacy
-    from hyperclone_dist.megatron.load import read_iteration
-    from hyperclone_dist.train.checkpointing import DS_TAG_FILE
-
     root = Path(path)
     if not root.exists():
         raise HypercloneError(f"{root} does not exist")

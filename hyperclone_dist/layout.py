@@ -1,49 +1,116 @@
-"""How fused HF tensors (GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``) relate to canonical ones."""
+"""How a model is split across ranks: megatron-core's tensor-, pipeline- and virtual-pipeline-parallel sizes
+(data parallel is what is left of the world), and the one check of a layout against a model.
+
+``Layout.validate(cfg, world_size)`` is what convert, verify, ``pretrain.py`` and its dry run all call, so
+a layout is refused with the same one-line verdict wherever it is given, before any work starts.
+"""
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
 from hyperclone_dist.config import ModelConfig
-from hyperclone_dist.families import Family
+from hyperclone_dist.errors import HypercloneError
+
+SPECS = ("local", "te")  # megatron-core layer specs: local modules, or TransformerEngine's names
+DEFAULT_VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's --make-vocab-size-divisible-by default
 
 
-def _part_rows(cfg: ModelConfig, parts: tuple[str, ...]) -> list[int]:
-    sizes = {"q": cfg.q_size, "k": cfg.kv_size, "v": cfg.kv_size}
-    return [sizes[p.split(".")[-2]] for p in parts]
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY) -> int:
+    """Megatron pads the vocab to a multiple of ``divisible_by * tp``."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
 
 
-def split_hf(family: Family, template: str, tensor: torch.Tensor, parts: tuple[str, ...],
-             cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Canonical tensors held by one HF tensor."""
-    if template in family.transposed:
-        tensor = tensor.t()
-    if len(parts) == 1:
-        return {parts[0]: tensor}
-    if family.qkv_fusion == "per_head":  # [H, 3, head_dim, ...]: q, k, v rows interleaved per head
-        per_head = tensor.reshape(cfg.num_heads, 3, cfg.head_dim, *tensor.shape[1:])
-        return {p: per_head[:, j].reshape(-1, *tensor.shape[1:]) for j, p in enumerate(parts)}
-    return dict(zip(parts, torch.split(tensor, _part_rows(cfg, parts), dim=0)))
+def _set(values: list[int]) -> str:
+    return "{" + ", ".join(map(str, values)) + "}"
 
 
-def fuse_hf(family: Family, template: str, tensors: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
-    """Inverse of split_hf: one HF tensor from its canonical parts (in the family's part order)."""
-    if len(tensors) == 1:
-        fused = tensors[0]
-    elif family.qkv_fusion == "per_head":
-        rest = tensors[0].shape[1:]
-        per_head = [t.reshape(cfg.num_heads, 1, cfg.head_dim, *rest) for t in tensors]
-        fused = torch.cat(per_head, dim=1).reshape(-1, *rest)
-    else:
-        fused = torch.cat(tensors, dim=0)
-    if template in family.transposed:
-        fused = fused.t()
-    return fused.contiguous()
+def _positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise HypercloneError(f"--{name} {value!r} must be a positive integer")
 
 
-def hf_shape(family: Family, template: str, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
-    rows = sum(s[0] for s in shapes)
-    shape = (rows, *shapes[0][1:])
-    if template in family.transposed:
-        shape = tuple(reversed(shape))
-    return shape
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1  # tensor-parallel size: heads, query groups and MLP units split over this many ranks
+    pp: int = 1  # pipeline-parallel size: the layer stack cut into this many stages
+    vpp: int | None = None  # virtual pipeline stages (model chunks) per pipeline rank; None: one
+    vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY  # the vocab is padded to a multiple of this x tp
+    spec: str = "local"  # megatron parameter names: local or TransformerEngine (te) layer spec
+
+    def __post_init__(self):
+        _positive("tp", self.tp)
+        _positive("pp", self.pp)
+        _positive("vocab-divisible-by", self.vocab_divisible_by)
+        if self.vpp is not None:
+            _positive("vpp", self.vpp)
+            if self.vpp == 1:  # one chunk per rank is no interleaving: one spelling of it
+                object.__setattr__(self, "vpp", None)
+            elif self.pp < 2:
+                raise HypercloneError(f"--vpp {self.vpp} (virtual pipeline stages) needs --pp >= 2, got pp={self.pp}")
+        if self.spec not in SPECS:
+            raise HypercloneError(f"--spec {self.spec!r} must be one of {', '.join(SPECS)}")
+
+    @property
+    def chunks(self) -> int:
+        """Model chunks per pipeline rank."""
+        return self.vpp or 1
+
+    @property
+    def world(self) -> int:
+        """Model-parallel ranks: tp x pp."""
+        return self.tp * self.pp
+
+    def padded_vocab(self, vocab_size: int) -> int:
+        return padded_vocab_size(vocab_size, self.tp, self.vocab_divisible_by)
+
+    def describe(self) -> str:
+        return f"tp={self.tp} pp={self.pp}" + (f" vpp={self.vpp}" if self.vpp else "")
+
+    def validate(self, cfg: ModelConfig, world_size: int | None = None) -> None:
+        """Refuse, in one line naming the numbers and the values that would work, a layout megatron-core
+        cannot build for ``cfg`` (on ``world_size`` ranks, when given)."""
+        allowed = [t for t in range(1, cfg.num_heads + 1) if self._splits(cfg, t)]
+        if self.tp not in allowed:
+            raise HypercloneError(f"{self._split_problem(cfg)}: this model allows --tp in {_set(allowed)}")
+        stages = self.pp * self.chunks
+        if cfg.num_layers % stages:
+            layers = cfg.num_layers
+            if self.vpp is None:
+                way_out = f"this model allows --pp in {_set([p for p in range(1, layers + 1) if layers % p == 0])}"
+            else:
+                vpps = [v for v in range(2, layers + 1) if layers % (self.pp * v) == 0]
+                way_out = (f"at --pp {self.pp} this model allows --vpp in {_set(vpps)} or none"
+                           if vpps and layers % self.pp == 0 else
+                           f"at --pp {self.pp} no --vpp divides them" if layers % self.pp == 0 else
+                           f"--pp {self.pp} does not divide them either")
+            raise HypercloneError(f"layers ({layers}) are not divisible by pp x vpp = {self.pp} x {self.chunks} = "
+                                  f"{stages}: {way_out}")
+        if world_size is not None:
+            self.check_world(world_size)
+
+    @staticmethod
+    def _splits(cfg: ModelConfig, tp: int) -> bool:
+        """megatron-core splits heads, MLP units and the fused QKV rows evenly over tp ranks; query groups
+        either split too or, fewer than the ranks, are shared by tp / groups ranks each."""
+        groups = cfg.num_kv_heads
+        return (cfg.num_heads % tp == 0 and cfg.ffn_hidden_size % tp == 0
+                and (groups % tp == 0 or tp % groups == 0 and (cfg.q_size + 2 * cfg.kv_size) % tp == 0))
+
+    def _split_problem(self, cfg: ModelConfig) -> str:
+        tp, groups = self.tp, cfg.num_kv_heads
+        if cfg.num_heads % tp:
+            return f"attention heads ({cfg.num_heads}) are not divisible by tp={tp}"
+        if cfg.ffn_hidden_size % tp:
+            return f"the ffn hidden size ({cfg.ffn_hidden_size}) is not divisible by tp={tp}"
+        if groups % tp and tp % groups:
+            return f"query groups / kv heads ({groups}) are neither divisible by tp={tp} nor a divisor of it"
+        return (f"the fused QKV rows ({cfg.q_size + 2 * cfg.kv_size}) are not divisible by tp={tp} "
+                f"({groups} query groups shared by {tp // groups} ranks each)")
+
+    def check_world(self, world_size: int) -> None:
+        """The part of ``validate`` that needs no model: data parallel must be a whole number of ranks."""
+        if world_size % self.world:
+            raise HypercloneError(f"world size {world_size} is not divisible by tp x pp = {self.tp} x {self.pp} = "
+                                  f"{self.world}")

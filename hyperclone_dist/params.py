@@ -1,8 +1,73 @@
-"""The canonical parameter list of a ModelConfig: unfused names, [out, in] shapes."""
+"""The canonical parameters of a decoder-only LM, one row each, and every fact about them as a column.
+
+Canonical names are unfused and ``[out, in]``: ``layers.{i}.attn.q.weight``. This table is the only place
+that knows what each parameter is; everything else (growth, the megatron mapping, initialisation, μP,
+the optimizer-state growth, the symmetry monitor, tied heads) reads its columns. The HF names of each
+family are in families.py, the megatron names in megatron/mapping.py.
+
+Axes name what a dimension counts: ``vocab`` and ``pos`` never grow, ``hidden``/``q``/``kv`` grow with
+the width, ``ffn`` with the FFN factor (growth/spec.py); ``axis_size`` gives a config's size of each.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from hyperclone_dist.config import ModelConfig
+from hyperclone_dist.errors import HypercloneError
+
+MUP_KINDS = ("embed", "hidden", "output", "one", "zero")
+
+
+@dataclass(frozen=True)
+class Rule:
+    axes: tuple[str, ...]  # one axis name per dimension, [out, in] for matrices
+    needs: tuple[str, ...] = ()  # ModelConfig flags that must all be true for the model to have it
+    divide: bool = False  # HyperCloning: divide by the number of input copies (linear maps)
+    mixable: bool = False  # noisy / diagonal variants apply (attention and MLP weights only)
+    residual_writer: bool = False  # adds into the residual stream: zero in an inserted identity block;
+    #                                Megatron-LM's scaled init std / sqrt(2 * layers) for its matrix
+    mup: str = "hidden"  # μP kind: init std and LR multiplier; "one"/"zero": a vector's fill
+    output_axis: int = 0  # the axis that indexes what the tensor outputs (an embedding's: its columns)
+    tied_to: str | None = None  # with tie_word_embeddings this tensor is that one (the head: the embedding)
+    watched: bool = False  # the symmetry monitor compares its row blocks (rows are hidden units)
+
+    def __post_init__(self):
+        if self.mup not in MUP_KINDS:
+            raise ValueError(f"unknown μP kind {self.mup!r}")
+
+
+_NORM = Rule(("hidden",), mup="one")
+_NORM_BIAS = Rule(("hidden",), needs=("norm_bias",), mup="zero")
+_MATRIX = dict(divide=True, mixable=True)
+
+# Forward order: entries before the layer stack, the layer stack (templated by "{i}"), entries after it.
+RULES: dict[str, Rule] = {
+    "embed.weight": Rule(("vocab", "hidden"), mup="embed", output_axis=1),
+    "pos_embed.weight": Rule(("pos", "hidden"), needs=("learned_positions",), mup="embed", output_axis=1),
+    "layers.{i}.attn_norm.weight": _NORM,
+    "layers.{i}.attn_norm.bias": _NORM_BIAS,
+    "layers.{i}.attn.q.weight": Rule(("q", "hidden"), **_MATRIX),
+    "layers.{i}.attn.k.weight": Rule(("kv", "hidden"), **_MATRIX),
+    "layers.{i}.attn.v.weight": Rule(("kv", "hidden"), **_MATRIX),
+    "layers.{i}.attn.q.bias": Rule(("q",), needs=("qkv_bias",), mup="zero"),
+    "layers.{i}.attn.k.bias": Rule(("kv",), needs=("qkv_bias",), mup="zero"),
+    "layers.{i}.attn.v.bias": Rule(("kv",), needs=("qkv_bias",), mup="zero"),
+    "layers.{i}.attn.o.weight": Rule(("hidden", "q"), residual_writer=True, watched=True, **_MATRIX),
+    "layers.{i}.attn.o.bias": Rule(("hidden",), needs=("attn_out_bias",), residual_writer=True, mup="zero"),
+    "layers.{i}.mlp_norm.weight": _NORM,
+    "layers.{i}.mlp_norm.bias": _NORM_BIAS,
+    "layers.{i}.mlp.gate.weight": Rule(("ffn", "hidden"), needs=("gated_mlp",), **_MATRIX),
+    "layers.{i}.mlp.gate.bias": Rule(("ffn",), needs=("gated_mlp", "mlp_bias"), mup="zero"),
+    "layers.{i}.mlp.up.weight": Rule(("ffn", "hidden"), **_MATRIX),
+    "layers.{i}.mlp.up.bias": Rule(("ffn",), needs=("mlp_bias",), mup="zero"),
+    "layers.{i}.mlp.down.weight": Rule(("hidden", "ffn"), residual_writer=True, watched=True, **_MATRIX),
+    "layers.{i}.mlp.down.bias": Rule(("hidden",), needs=("mlp_bias",), residual_writer=True, mup="zero"),
+    "final_norm.weight": Rule(("hidden",), needs=("final_norm",), mup="one", watched=True),
+    "final_norm.bias": Rule(("hidden",), needs=("final_norm", "norm_bias"), mup="zero"),
+    "head.weight": Rule(("vocab", "hidden"), divide=True, mup="output", tied_to="embed.weight"),
+}
+_LAYER = "layers.{i}."
 
 
 def layer_of(name: str) -> int | None:
@@ -13,62 +78,63 @@ def layer_of(name: str) -> int | None:
 def generic_name(name: str) -> str:
     """``layers.3.attn.q.weight`` -> ``layers.{i}.attn.q.weight`` (the key of per-kind tables)."""
     layer = layer_of(name)
-    return name if layer is None else name.replace(f"layers.{layer}.", "layers.{i}.", 1)
+    return name if layer is None else name.replace(f"layers.{layer}.", _LAYER, 1)
+
+
+def rule_for(name: str) -> Rule:
+    generic = generic_name(name)
+    if generic not in RULES:
+        raise HypercloneError(f"no rule for parameter {name}")
+    return RULES[generic]
+
+
+def axis_size(cfg: ModelConfig, axis: str) -> int:
+    return {"vocab": cfg.vocab_size, "pos": cfg.max_position_embeddings + cfg.position_offset,
+            "hidden": cfg.hidden_size, "q": cfg.q_size, "kv": cfg.kv_size, "ffn": cfg.ffn_hidden_size}[axis]
+
+
+def _present(cfg: ModelConfig, rule: Rule) -> bool:
+    return all(getattr(cfg, flag) for flag in rule.needs)
 
 
 def layer_shapes(cfg: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
-    d, f, p = cfg.hidden_size, cfg.ffn_hidden_size, f"layers.{i}."
-    shapes: dict[str, tuple[int, ...]] = {p + "attn_norm.weight": (d,)}
-    if cfg.norm_bias:
-        shapes[p + "attn_norm.bias"] = (d,)
-    shapes[p + "attn.q.weight"] = (cfg.q_size, d)
-    shapes[p + "attn.k.weight"] = (cfg.kv_size, d)
-    shapes[p + "attn.v.weight"] = (cfg.kv_size, d)
-    if cfg.qkv_bias:
-        shapes[p + "attn.q.bias"] = (cfg.q_size,)
-        shapes[p + "attn.k.bias"] = (cfg.kv_size,)
-        shapes[p + "attn.v.bias"] = (cfg.kv_size,)
-    shapes[p + "attn.o.weight"] = (d, cfg.q_size)
-    if cfg.attn_out_bias:
-        shapes[p + "attn.o.bias"] = (d,)
-    shapes[p + "mlp_norm.weight"] = (d,)
-    if cfg.norm_bias:
-        shapes[p + "mlp_norm.bias"] = (d,)
-    if cfg.gated_mlp:
-        shapes[p + "mlp.gate.weight"] = (f, d)
-        if cfg.mlp_bias:
-            shapes[p + "mlp.gate.bias"] = (f,)
-    shapes[p + "mlp.up.weight"] = (f, d)
-    if cfg.mlp_bias:
-        shapes[p + "mlp.up.bias"] = (f,)
-    shapes[p + "mlp.down.weight"] = (d, f)
-    if cfg.mlp_bias:
-        shapes[p + "mlp.down.bias"] = (d,)
+    return {template.format(i=i): tuple(axis_size(cfg, a) for a in rule.axes)
+            for template, rule in RULES.items() if template.startswith(_LAYER) and _present(cfg, rule)}
+
+
+def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter of the model in forward order, a tied head included (see ``stored_shapes``)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    stack_done = False
+    for template, rule in RULES.items():
+        if template.startswith(_LAYER):
+            if not stack_done:  # the whole stack where its first template stands
+                for i in range(cfg.num_layers):
+                    shapes.update(layer_shapes(cfg, i))
+                stack_done = True
+        elif _present(cfg, rule):
+            shapes[template] = tuple(axis_size(cfg, a) for a in rule.axes)
     return shapes
 
 
-def canonical_shapes(cfg: ModelConfig, with_head: bool = True) -> dict[str, tuple[int, ...]]:
-    """Every parameter of the model in forward order. ``head.weight`` is listed even when tied to the
-    embedding (``with_head=False`` leaves it out, as a tied checkpoint stores it)."""
-    d = cfg.hidden_size
-    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (cfg.vocab_size, d)}
-    if cfg.position_embedding == "learned":
-        shapes["pos_embed.weight"] = (cfg.max_position_embeddings + cfg.position_offset, d)
-    for i in range(cfg.num_layers):
-        shapes.update(layer_shapes(cfg, i))
-    if cfg.final_norm:
-        shapes["final_norm.weight"] = (d,)
-        if cfg.norm_bias:
-            shapes["final_norm.bias"] = (d,)
-    if with_head:
-        shapes["head.weight"] = (cfg.vocab_size, d)
-    return shapes
+def is_tied_copy(cfg: ModelConfig, name: str) -> bool:
+    """True for a tensor that a tied model holds as another one (a tied head is the embedding)."""
+    return cfg.tie_word_embeddings and rule_for(name).tied_to is not None
+
+
+def stored_name(cfg: ModelConfig, name: str) -> str:
+    """The tensor that holds ``name`` in a checkpoint of ``cfg``: itself, or what it is tied to."""
+    return rule_for(name).tied_to if is_tied_copy(cfg, name) else name
+
+
+def stored_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors a checkpoint of ``cfg`` holds: every parameter but the tied copies."""
+    return {name: shape for name, shape in canonical_shapes(cfg).items() if not is_tied_copy(cfg, name)}
 
 
 def parameter_count(cfg: ModelConfig) -> int:
-    shapes = canonical_shapes(cfg, with_head=not cfg.tie_word_embeddings)
     total = 0
-    for shape in shapes.values():
+    for shape in stored_shapes(cfg).values():
         count = 1
         for size in shape:
             count *= size

@@ -15,46 +15,52 @@ Any bad input ends the whole job with one line on stderr from rank 0 and exit st
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 from pathlib import Path
+
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from hyperclone_dist.errors import HypercloneError
+from hyperclone_dist.megatron.parallel import destroy_parallel
+from hyperclone_dist.train.args import parse_args
+from hyperclone_dist.train.dryrun import dry_run
+from hyperclone_dist.train.loop import AgreedError, pretrain
 
-def main() -> int:
-    from hyperclone_dist.errors import HypercloneError
-    from hyperclone_dist.train.args import parse_args
+STOPPED_WITHIN_S = 60  # a launcher stops the other ranks once one fails; one that does not, after this
 
-    args = parse_args()
-    rank = os.environ.get("RANK", "0")
+
+def main(argv: list[str] | None = None) -> int:
+    rank = int(os.environ.get("RANK", "0"))
     try:
-        if args.dry_run:
-            from hyperclone_dist.train.dryrun import dry_run
-
-            return dry_run(args)
-        from hyperclone_dist.train.loop import pretrain
-
-        pretrain(args)
-    except HypercloneError as exc:
-        if rank == "0":
+        config = parse_args(argv)
+    except SystemExit as exc:
+        if rank and exc.code:  # every rank parsed the same bad command line and only rank 0 printed it: the
+            threading.Event().wait(STOPPED_WITHIN_S)  # others leave once rank 0's exit has stopped the job
+        raise
+    try:
+        if config.dry.dry_run:
+            return dry_run(config)
+        pretrain(config)
+    except AgreedError as exc:  # every rank has it: rank 0 says it before any rank leaves
+        if rank == 0:
             print(f"pretrain.py: error: {exc}", file=sys.stderr, flush=True)
-        else:
-            import time
-
-            time.sleep(2)  # the launcher stops every rank once one exits: let rank 0 print the line first
+        dist.barrier()
+        return 2
+    except HypercloneError as exc:  # this rank's own
+        print(f"pretrain.py: error{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
-        if rank == "0":
+        if rank == 0:
             print("pretrain.py: interrupted; the last complete checkpoint is intact", file=sys.stderr)
         return 130
     finally:
-        from hyperclone_dist.megatron.parallel import destroy_parallel
-
-        try:
+        with contextlib.suppress(Exception):  # a peer already gone: nothing left to tear down cleanly
             destroy_parallel()
-        except Exception:  # a peer already gone: nothing left to tear down cleanly
-            pass
     return 0
 
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from hyperclone_dist.checkpoint.reader import SourceCheckpoint
 from hyperclone_dist.growth.grow import Grower
 from hyperclone_dist.growth.spec import GrowthSpec
 from hyperclone_dist.hf_model import hf_model_from_config, hf_state_dict, load_hf_model
+from hyperclone_dist.sources import open_source
 from hyperclone_dist.verify import fixed_batch, logit_diff
 
 
 def grow_in_memory(path, spec: GrowthSpec):
-    source = SourceCheckpoint(path)
+    source = open_source(path)
     grower = Grower(source.config, spec, source.get)
     tensors = {name: grower.full(name) for name in grower.names()}
     model = hf_model_from_config(grower.large)

@@ -80,7 +80,8 @@ class Result:
         lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
         kept = [line for line in lines if "warn" not in line.lower()]
         status = f"exit {self.returncode}{' (timed out)' if self.timed_out else ''}"
-        return f"{self.job.name} ({self.job.launcher}, {self.job.nproc} processes): {status}\n" + "\n".join(kept)[-chars:]
+        head = f"{self.job.name} ({self.job.launcher}, {self.job.nproc} processes): {status}\n"
+        return head + "\n".join(kept)[-chars:]
 
     def check(self) -> Result:
         assert self.returncode == 0, self.log_tail()

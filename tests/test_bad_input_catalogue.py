@@ -3,7 +3,7 @@ test_data.py, test_megatron_convert.py, test_crash_safety.py): ``hyperclone conv
 ``export``, ``data`` and ``launch/pretrain.py``. Each case: exit 2, exactly one stderr line naming the
 problem (the path, the numbers), no traceback, nothing at the output path and nothing beside it.
 
-The ``hyperclone`` cases run as forked children of one warm process (tests/mp_workers/forked_cli.py): each
+The ``hyperclone`` cases run as forked children of one warm process (tests/mp_workers/warm_fork.py): each
 a real process with its own exit status and stderr, a file-size limit (RLIMIT_FSIZE, the way ``ulimit -f``
 makes writes fail like a full disk) or no root override of directory permissions (CAP_DAC_OVERRIDE
 dropped, so that ``chmod 555`` holds when the tests run as root), without a torch import per case. The
@@ -30,7 +30,7 @@ import pytest
 from hyperclone_dist.checkpoint import lock
 
 REPO = Path(__file__).resolve().parents[1]
-WORKER = REPO / "tests" / "mp_workers" / "forked_cli.py"
+WORKER = REPO / "tests" / "mp_workers" / "warm_fork.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 TRACEBACK = re.compile(r"Traceback|^\s+File \"", re.MULTILINE)
 FSIZE = 40_000  # bytes: above the lock file and the small inputs, below every grown rank file or shard
@@ -86,7 +86,7 @@ CASES = {
     "verify-grown-not-a-model": (["verify", "{r}/llama", "{r}/notes"],
                                  ["{r}/notes", "not a Hugging Face model directory"], {}),
     "verify-world-size-mismatch": (["verify", "{r}/llama", "{r}/td", *LAYOUT],
-                                   ["world size 1", "tp*pp = 2*2 = 4"], {}),
+                                   ["world size 1", "tp x pp = 2 x 2 = 4"], {}),
     "verify-legacy-at-another-layout": (["verify", "{r}/llama", "{r}/legacy", "--tp", "1"],
                                         ["{r}/legacy", "saved at tp=2 pp=2", "only at that layout"], {}),
     "verify-truncated-torch_dist": (["verify", "{r}/llama", "{r}/td-truncated"],
@@ -145,9 +145,10 @@ PRETRAIN_CASES = {
                                     ["--global-batch-size", "--global-batch-tokens"]),
     "width-factor-not-integer": (["--width-factor", "1.5"], ["--width-factor", "'1.5'"]),
     "dry-run-world-not-divisible": (["--dry-run", "--world-size", "3", "--tp", "2"],
-                                    ["world size 3", "tp*pp = 2*1 = 2"]),
+                                    ["world size 3", "tp x pp = 2 x 1 = 2"]),
     "dry-run-vpp-not-dividing-layers": (["--dry-run", "--world-size", "4", "--pp", "2", "--vpp", "3"],
-                                        ["num_layers=4", "pp*vpp = 6"]),
+                                        ["layers (4)", "pp x vpp = 2 x 3 = 6",
+                                         "at --pp 2 this model allows --vpp in {2} or none"]),
 }
 
 

@@ -14,7 +14,7 @@ How a dead rank ends the job: torchrun's agent polls its workers, sees one gone 
 not a dead worker: the other ranks wait in their next collective until ``--distributed-timeout-minutes``
 (default 10) passes, then gloo/NCCL raise on every one of them and the job exits non-zero.
 
-The kill points of conversions are deterministic: tests/mp_workers/forked_cli.py forks each run from one
+The kill points of conversions are deterministic: tests/mp_workers/warm_fork.py forks each run from one
 warm process and an audit hook kills it just before a chosen file-system event (a rank directory made,
 the completion marker opened, the final rename), plus kills after random delays.
 
@@ -39,7 +39,7 @@ import pytest
 from hyperclone_dist.checkpoint import lock
 
 REPO = Path(__file__).resolve().parents[1]
-WORKER = REPO / "tests" / "mp_workers" / "forked_cli.py"
+WORKER = REPO / "tests" / "mp_workers" / "warm_fork.py"
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 TRACKER = "latest_checkpointed_iteration.txt"

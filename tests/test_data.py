@@ -188,7 +188,7 @@ def test_default_split_with_an_empty_test_share_builds(data, tmp_path):
 def test_batch_at_shapes_label_shift_and_resume(data, tmp_path):
     ds = build_datasets(_config(data, tmp_path), train_samples=40, valid_samples=4).train
     batch = batch_at(ds, 8, 6)
-    assert {k: tuple(v.shape) for k, v in batch.items()} == {k: (6, 32) for k in batch}
+    assert {k: tuple(v.shape) for k, v in batch.items()} == dict.fromkeys(batch, (6, 32))
     assert batch["tokens"].dtype == torch.int64 and batch["labels"].dtype == torch.int64
     assert batch["loss_mask"].dtype == torch.float32 and bool((batch["loss_mask"] == 1).all())
     assert torch.equal(batch["labels"][:, :-1], batch["tokens"][:, 1:])

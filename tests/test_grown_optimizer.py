@@ -41,18 +41,18 @@ def small_runs(tmp_path_factory):
 
 
 def canonical(ckpt: Path) -> dict[str, torch.Tensor]:
-    from hyperclone_dist.megatron.export import MegatronSource
-    from hyperclone_dist.params import canonical_shapes
+    from hyperclone_dist.megatron.source import open_megatron_source
+    from hyperclone_dist.params import stored_shapes
 
-    source = MegatronSource(ckpt)
-    names = canonical_shapes(source.config, with_head=not source.config.tie_word_embeddings)
+    source = open_megatron_source(ckpt)
+    names = stored_shapes(source.config)
     return {name: source.get(name).double() for name in names}
 
 
 def first_step_cosines(small_runs: Path, out: Path, nproc: int, layout: list[str], *extra) -> dict[str, float]:
     from hyperclone_dist.growth.grow import Grower
     from hyperclone_dist.growth.spec import GrowthSpec
-    from hyperclone_dist.megatron.export import MegatronSource
+    from hyperclone_dist.megatron.source import open_megatron_source
     from hyperclone_dist.train.moments import gradient_over_weight_scale
 
     # the clone reads global batch 5, the batch of the small model's 6th step
@@ -60,7 +60,7 @@ def first_step_cosines(small_runs: Path, out: Path, nproc: int, layout: list[str
              "--handoff", "no-rewarmup", "--train-iters", "1", "--data-offset-steps", "5", *layout, *extra,
              "--save", out)
     before, after = canonical(small_runs / "s5"), canonical(small_runs / "s6")
-    source = MegatronSource(small_runs / "s5")
+    source = open_megatron_source(small_runs / "s5")
     grower = Grower(source.config, GrowthSpec(width_factor=2), lambda name: before[name].float())
     grown_after = canonical(out)
     cosines = {}
@@ -75,7 +75,7 @@ def first_step_cosines(small_runs: Path, out: Path, nproc: int, layout: list[str
 
 
 def _weight_scale(grower, name: str) -> float:
-    from hyperclone_dist.growth.rules import rule_for
+    from hyperclone_dist.params import rule_for
 
     return 1.0 / grower.factors(name)[-1] if rule_for(name).divide else 1.0
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from growth_helpers import grow_in_memory, max_rel_logit_error
-from hyperclone_dist.checkpoint.reader import SourceCheckpoint
+
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.growth.grow import Grower
 from hyperclone_dist.growth.spec import GrowthSpec, LayerSource, layer_plan
+from hyperclone_dist.sources import open_source
 
 TOL = 1e-5
 
@@ -62,7 +62,6 @@ def test_stacking_repeats_layers_and_is_not_function_preserving(tiny_model_dirs)
 def wide_llama(tmp_path_factory):
     """Large enough (hidden 64 -> 128) for a std estimate within 1%."""
     import transformers
-
     from conftest import make_tiny_model
 
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
@@ -70,7 +69,7 @@ def wide_llama(tmp_path_factory):
                                    max_position_embeddings=16)
     path = tmp_path_factory.mktemp("wide") / "llama"
     make_tiny_model(cfg).save_pretrained(path)
-    return SourceCheckpoint(path)
+    return open_source(path)
 
 
 @pytest.mark.parametrize("name", ["embed.weight", "layers.0.attn.q.weight", "layers.0.mlp.down.weight",

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
-from growth_helpers import grow_in_memory, max_rel_logit_error
-from hyperclone_dist.growth.spec import GrowthSpec
-
 from conftest import tiny_hf_configs
+from growth_helpers import grow_in_memory, max_rel_logit_error
+
+from hyperclone_dist.growth.spec import GrowthSpec
 
 TOL = 1e-5
 VARIANTS = ["symmetric", "noisy", "diagonal", "noisy-diagonal"]

@@ -13,9 +13,9 @@ import sys
 import pytest
 import torch
 
-from hyperclone_dist.checkpoint.reader import SourceCheckpoint
 from hyperclone_dist.growth.grow import Grower
 from hyperclone_dist.growth.spec import METHODS, GrowthSpec
+from hyperclone_dist.sources import open_source
 
 SPECS = [GrowthSpec(2, 2, method=m, seed=11) for m in METHODS] + [
     GrowthSpec(3, 2, method="noisy", seed=2),
@@ -44,7 +44,7 @@ def _assemble(grower_factory, name, shape, rng) -> torch.Tensor:
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.method}-n{s.n}-m{s.m}-stack{s.stack}-{s.insert_layers}")
 @pytest.mark.parametrize("case", ["llama-mqa-tied-bias", "gpt2-untied"])
 def test_random_partitions_equal_whole(tiny_model_dirs, spec, case):
-    source = SourceCheckpoint(tiny_model_dirs[case])
+    source = open_source(tiny_model_dirs[case])
     whole = Grower(source.config, spec, source.get)
     rng = random.Random(f"{case}-{spec}")
     for name in whole.names():
@@ -58,11 +58,11 @@ def test_random_partitions_equal_whole(tiny_model_dirs, spec, case):
 
 _DIGEST_SCRIPT = """
 import hashlib, json, sys, torch
-from hyperclone_dist.checkpoint.reader import SourceCheckpoint
+from hyperclone_dist.sources import open_source
 from hyperclone_dist.growth.grow import Grower
 from hyperclone_dist.growth.spec import GrowthSpec
 path, spec = sys.argv[1], json.loads(sys.argv[2])
-src = SourceCheckpoint(path)
+src = open_source(path)
 g = Grower(src.config, GrowthSpec(**spec), src.get)
 h = hashlib.sha256()
 for name in g.names():
@@ -82,7 +82,7 @@ def test_other_processes_and_thread_counts_agree(tiny_model_dirs, method):
         out = subprocess.run([sys.executable, "-c", _DIGEST_SCRIPT, path, json.dumps(spec)], env=env,
                              capture_output=True, text=True, check=True)
         digests.add(out.stdout.strip())
-    source = SourceCheckpoint(path)
+    source = open_source(path)
     grower = Grower(source.config, GrowthSpec(**spec), source.get)
     local = hashlib.sha256()
     for name in grower.names():

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from growth_helpers import grow_in_memory
+
 from hyperclone_dist.growth.spec import GrowthSpec
 from hyperclone_dist.verify import fixed_batch
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyperclone_dist.checkpoint.reader import SourceCheckpoint
 from hyperclone_dist.growth.grow import Grower
 from hyperclone_dist.growth.spec import METHODS, GrowthSpec
-from hyperclone_dist.megatron.convert import rank_state_dicts
-from hyperclone_dist.megatron.mapping import TP_AXIS, Layout, chunk_params, split_local
+from hyperclone_dist.layout import Layout
+from hyperclone_dist.megatron.mapping import TP_AXIS, chunk_params, split_local
+from hyperclone_dist.megatron.weights import rank_state_dicts
+from hyperclone_dist.sources import open_source
 
 
 def gathered_canonical(grower: Grower, layout: Layout, rows=None) -> dict[str, torch.Tensor]:
@@ -22,7 +23,7 @@ def gathered_canonical(grower: Grower, layout: Layout, rows=None) -> dict[str, t
     for pp_rank in range(layout.pp):
         for tp_rank in range(layout.tp):
             fresh = Grower(grower.small, grower.spec, grower.get_small, rows)
-            for chunk, state in enumerate(rank_state_dicts(fresh, layout, tp_rank, pp_rank)):
+            for chunk, state in enumerate(rank_state_dicts(fresh.large, layout, tp_rank, pp_rank, fresh.slice)):
                 for name, row, layer in chunk_params(cfg, layout, pp_rank, chunk):
                     if name == "output_layer.weight" and row.parts == ("embed.weight",):
                         continue  # the last stage's copy of a shared embedding
@@ -44,7 +45,7 @@ def gathered_canonical(grower: Grower, layout: Layout, rows=None) -> dict[str, t
                          + [GrowthSpec(2, method="noisy", insert_layers="every:1", seed=5)],
                          ids=lambda s: f"{s.method}{'-depth' if s.insert_layers else ''}")
 def test_tp4_pp2_equals_tp1_pp1_bitwise(tiny_model_dirs, spec):
-    source = SourceCheckpoint(tiny_model_dirs["llama-gqa2"])  # x2: 8 heads, 4 kv groups
+    source = open_source(tiny_model_dirs["llama-gqa2"])  # x2: 8 heads, 4 kv groups
     grower = Grower(source.config, spec, source.get)
     whole = gathered_canonical(grower, Layout(tp=1, pp=1))
     sharded = gathered_canonical(grower, Layout(tp=4, pp=2), rows=source.get_rows)  # ranks read row ranges

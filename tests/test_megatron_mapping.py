@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyperclone_dist.checkpoint.reader import SourceCheckpoint
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.growth.grow import Grower
 from hyperclone_dist.growth.spec import GrowthSpec
-from hyperclone_dist.megatron.convert import check_representable, rank_state_dicts
-from hyperclone_dist.megatron.mapping import (TP_AXIS, Layout, check_layout, chunk_layers, chunk_params,
-                                              local_shape, padded_vocab_size, split_local)
+from hyperclone_dist.layout import Layout, padded_vocab_size
+from hyperclone_dist.megatron.mapping import TP_AXIS, chunk_layers, chunk_params, local_shape, split_local
+from hyperclone_dist.megatron.model import check_representable
+from hyperclone_dist.megatron.weights import rank_state_dicts
+from hyperclone_dist.sources import open_source
 
 
 def test_interleaved_layer_assignment():
@@ -24,13 +25,13 @@ def test_interleaved_layer_assignment():
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("case", ["llama-gqa2", "gpt2-tied", "qwen2-tied", "opt"])
 def test_rank_tensors_reassemble_to_grown_model(tiny_model_dirs, case, tp):
-    source = SourceCheckpoint(tiny_model_dirs[case])
+    source = open_source(tiny_model_dirs[case])
     grower = Grower(source.config, GrowthSpec(2, method="noisy", seed=1), source.get)
     cfg, layout = grower.large, Layout(tp=tp, pp=2)
     gathered: dict[str, list[list[torch.Tensor]]] = {}
     for pp_rank in range(layout.pp):
         for tp_rank in range(tp):
-            (state,) = rank_state_dicts(grower, layout, tp_rank, pp_rank)
+            (state,) = rank_state_dicts(grower.large, layout, tp_rank, pp_rank, grower.slice)
             for name, row, layer in chunk_params(cfg, layout, pp_rank, 0):
                 tensor = state[name]
                 assert tuple(tensor.shape) == local_shape(cfg, layout, row, layer), name
@@ -59,14 +60,16 @@ def test_rank_tensors_reassemble_to_grown_model(tiny_model_dirs, case, tp):
 
 
 def test_divisibility_errors_name_the_numbers(tiny_model_dirs):
-    source = SourceCheckpoint(tiny_model_dirs["llama-gqa2"])
+    source = open_source(tiny_model_dirs["llama-gqa2"])
     large = Grower(source.config, GrowthSpec(2), source.get).large  # 8 heads, 4 groups, 2 layers
-    with pytest.raises(HypercloneError, match=r"query groups / kv heads \(4\) are not divisible by tp=8"):
-        check_layout(large.replace(num_heads=16), Layout(tp=8))
+    with pytest.raises(HypercloneError, match=r"query groups / kv heads \(6\) are neither divisible by tp=4 nor a "
+                                              r"divisor of it: this model allows --tp in \{1, 2, 3, 6, 12, 24\}"):
+        Layout(tp=4).validate(large.replace(num_heads=24, num_kv_heads=6, ffn_hidden_size=96))
+    Layout(tp=8).validate(large)  # 4 query groups on 8 ranks: megatron-core shares each over 2 ranks
     with pytest.raises(HypercloneError, match=r"layers \(2\) are not divisible by pp x vpp = 2 x 2 = 4"):
-        check_layout(large, Layout(pp=2, vpp=2))
+        Layout(pp=2, vpp=2).validate(large)
     with pytest.raises(HypercloneError, match=r"attention heads \(8\) are not divisible by tp=3"):
-        check_layout(large, Layout(tp=3))
+        Layout(tp=3).validate(large)
 
 
 @pytest.mark.parametrize("case,changes,why", [
@@ -75,13 +78,13 @@ def test_divisibility_errors_name_the_numbers(tiny_model_dirs):
     ("llama-mqa-tied-bias", {"mlp_bias": False}, "biases all linears, none, or QKV only"),
 ])
 def test_unrepresentable_families_are_refused(tiny_model_dirs, case, changes, why):
-    cfg = SourceCheckpoint(tiny_model_dirs[case]).config.replace(**changes)
+    cfg = open_source(tiny_model_dirs[case]).config.replace(**changes)
     with pytest.raises(HypercloneError, match=why):
         check_representable(cfg)
 
 
 def test_te_spec_names_fuse_norms_into_linears(tiny_model_dirs):
-    cfg = SourceCheckpoint(tiny_model_dirs["gpt2-tied"]).config
+    cfg = open_source(tiny_model_dirs["gpt2-tied"]).config
     local = [name for name, _, _ in chunk_params(cfg, Layout(), 0, 0)]
     te = [name for name, _, _ in chunk_params(cfg, Layout(spec="te"), 0, 0)]
     assert "decoder.layers.0.input_layernorm.weight" in local

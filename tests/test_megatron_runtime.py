@@ -17,12 +17,8 @@ import torch
 
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.errors import HypercloneError
-from hyperclone_dist.megatron.model import (
-    gelu_new,
-    hf_position_rows,
-    padded_vocab_size,
-    transformer_config,
-)
+from hyperclone_dist.layout import Layout, padded_vocab_size
+from hyperclone_dist.megatron.model import gelu_new, hf_position_rows, transformer_config
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "mp_workers" / "megatron_equivalence.py"
@@ -86,7 +82,7 @@ def test_reference_is_not_degenerate(equivalence):
 
 
 def test_bad_layout_is_one_line_error(equivalence):
-    assert equivalence[0]["bad_layout_error"] == "world size 4 is not divisible by tp*pp = 3*1 = 3"
+    assert equivalence[0]["bad_layout_error"] == "world size 4 is not divisible by tp x pp = 3 x 1 = 3"
 
 
 def test_learned_position_p_reads_row_p(equivalence):
@@ -114,7 +110,7 @@ def test_cpu_shims_are_idempotent(equivalence):
 
 
 def test_llama_mapping():
-    config = transformer_config(LLAMA, tp=2, pp=2)
+    config = transformer_config(LLAMA, Layout(tp=2, pp=2))
     assert (config.num_attention_heads, config.num_query_groups, config.kv_channels) == (4, 2, 16)
     assert (config.normalization, config.layernorm_epsilon) == ("RMSNorm", 1e-5)
     assert config.gated_linear_unit and config.activation_func is torch.nn.functional.silu
@@ -127,7 +123,7 @@ def test_llama_mapping():
 def test_gpt2_mapping_and_gelu_new_is_hf_bit_for_bit():
     from transformers.activations import NewGELUActivation
 
-    config = transformer_config(GPT2, tp=1, pp=2, vpp=2)
+    config = transformer_config(GPT2, Layout(tp=1, pp=2, vpp=2))
     assert config.normalization == "LayerNorm" and not config.gated_linear_unit
     assert config.add_bias_linear and config.activation_func is gelu_new
     assert config.virtual_pipeline_model_parallel_size == 2 and config.batch_p2p_comm is False
@@ -137,7 +133,7 @@ def test_gpt2_mapping_and_gelu_new_is_hf_bit_for_bit():
 
 
 def test_qkv_only_bias_maps_to_add_qkv_bias():
-    config = transformer_config(LLAMA.replace(family="qwen2", qkv_bias=True), tp=1, pp=1)
+    config = transformer_config(LLAMA.replace(family="qwen2", qkv_bias=True))
     assert config.add_qkv_bias and not config.add_bias_linear
 
 
@@ -155,17 +151,17 @@ def test_qkv_only_bias_maps_to_add_qkv_bias():
 ])
 def test_unrepresentable_configs_are_refused(changes, why):
     with pytest.raises(HypercloneError, match=why):
-        transformer_config(LLAMA.replace(**changes), tp=1, pp=1)
+        transformer_config(LLAMA.replace(**changes))
 
 
 @pytest.mark.parametrize("changes, why", [
-    (dict(tp=3), "num_heads=4 is not divisible by tp=3"),
-    (dict(pp=3), "num_layers=4 does not split evenly"),
-    (dict(pp=2, vpp=4), "num_layers=4 does not split evenly"),
+    (dict(tp=3), r"attention heads \(4\) are not divisible by tp=3: this model allows --tp in \{1, 2, 4\}"),
+    (dict(pp=3), r"layers \(4\) are not divisible by pp x vpp = 3 x 1 = 3: this model allows --pp in \{1, 2, 4\}"),
+    (dict(pp=2, vpp=4), r"layers \(4\) are not divisible by pp x vpp = 2 x 4 = 8"),
 ])
 def test_layouts_the_model_cannot_split_are_refused(changes, why):
     with pytest.raises(HypercloneError, match=why):
-        transformer_config(LLAMA, **{"tp": 1, "pp": 1, **changes})
+        transformer_config(LLAMA, Layout(**{"tp": 1, "pp": 1, **changes}))
 
 
 def test_sliding_window_means_the_last_w_positions():
@@ -175,7 +171,7 @@ def test_sliding_window_means_the_last_w_positions():
     from hyperclone_dist.megatron.cpu_shims import cuda_to_cpu
 
     window, seq = 4, 10
-    assert transformer_config(LLAMA.replace(hf_extra={"sliding_window": window}), 1, 1).window_size == (3, 0)
+    assert transformer_config(LLAMA.replace(hf_extra={"sliding_window": window})).window_size == (3, 0)
     with cuda_to_cpu():
         masked = get_sliding_window_causal_mask(seq, seq, (window - 1, 0)).cpu()
     i, j = torch.meshgrid(torch.arange(seq), torch.arange(seq), indexing="ij")

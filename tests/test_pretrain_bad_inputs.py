@@ -164,9 +164,9 @@ SINGLE_PROCESS_CASES = {  # id: (flags appended to a valid run, what the error l
                            ["{root}/unknown_key.json", "'no_such_flag'"]),
     "seq-length-past-context": (["--seq-length", "129"], ["--seq-length 129", "128"]),
     # the grown model: 8 heads, 4 layers
-    "heads-by-tp": (["--tp", "3"], ["num_heads=8", "tp=3"]),
-    "layers-by-pp": (["--pp", "3"], ["num_layers=4", "3"]),
-    "layers-by-pp-vpp": (["--pp", "2", "--vpp", "3"], ["num_layers=4", "vpp", "6"]),
+    "heads-by-tp": (["--tp", "3"], ["attention heads (8)", "tp=3", "--tp in {{1, 2, 4, 8}}"]),
+    "layers-by-pp": (["--pp", "3"], ["layers (4)", "pp x vpp = 3 x 1 = 3", "--pp in {{1, 2, 4}}"]),
+    "layers-by-pp-vpp": (["--pp", "2", "--vpp", "3"], ["layers (4)", "pp x vpp = 2 x 3 = 6", "--vpp in {{2}}"]),
 }
 
 
@@ -191,7 +191,7 @@ def test_small_pt_with_code_is_not_executed(inputs, tmp_path):
 # ---- several ranks ------------------------------------------------------------------------------
 def test_world_size_not_divisible_by_tp_pp(inputs, tmp_path):
     proc = torchrun(3, *flags(inputs, tmp_path, "--tp", "2"))
-    assert_one_line_error(proc, "world size 3", "tp*pp", "2", launcher=True)
+    assert_one_line_error(proc, "world size 3", "tp x pp", "2", launcher=True)
 
 
 def test_global_batch_not_divisible_by_micro_batch_times_dp(inputs, tmp_path):

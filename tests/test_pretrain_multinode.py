@@ -14,6 +14,7 @@ CAP_SYS_ADMIN), both launches share the loopback interface instead; the test id 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -84,10 +85,8 @@ class Host:
 def _remove_netns(name: str) -> None:
     """Kill what still runs in a namespace this test made (a hung rank), then delete it and its veth."""
     for pid in _ip("netns", "pids", name).stdout.split():
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     _ip("netns", "del", name)
 
 

@@ -48,10 +48,13 @@ def test_per_rank_parameters_add_up_to_the_model():
     from hyperclone_dist.growth.spec import GrowthSpec
     from hyperclone_dist.params import canonical_shapes
     from hyperclone_dist.train.args import parse_args
-    from hyperclone_dist.train.dryrun import estimate
+    from hyperclone_dist.train.dryrun import estimate, model_shape
+    from hyperclone_dist.train.run_plan import plan_run
 
-    args = parse_args(["--config", str(REPO / "recipes/llama-3b-to-12b/train.json"), "--dry-run", "--world-size", "32"])
-    cfg, ranks, _ = estimate(args, 32, 1)
+    config = parse_args(["--config", str(REPO / "recipes/llama-3b-to-12b/train.json"), "--dry-run", "--world-size",
+                         "32"])
+    cfg = model_shape(config)
+    ranks = estimate(config, cfg, plan_run(config, cfg, 32), 1)
     small = ModelConfig.from_dict(json.loads((REPO / "configs/models/llama-3b.json").read_text()))
     grown = Grower(small, GrowthSpec(width_factor=2), lambda name: None).large
     assert cfg == grown
@@ -70,8 +73,8 @@ def np_prod(shape) -> int:
 
 @pytest.mark.parametrize("flags, reason", [
     (["--tp", "3", "--world-size", "24"], "tp=3"),
-    (["--pp", "3", "--world-size", "36"], "does not split evenly into pp*vpp = 3"),
-    (["--world-size", "24", "--tp", "16"], "not divisible by tp*pp"),
+    (["--pp", "3", "--world-size", "36"], "layers (28) are not divisible by pp x vpp = 3 x 1 = 3"),
+    (["--world-size", "24", "--tp", "16"], "world size 24 is not divisible by tp x pp = 16 x 2 = 32"),
     (["--micro-batch-size", "3"], "is not divisible by micro batch 3"),
     (["--micro-batch-size", "8", "--gpu-memory-gib", "24"], "more than the 24 GiB GPU"),
 ])

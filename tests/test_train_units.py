@@ -60,14 +60,14 @@ def test_low_peak_handoff_reads_the_small_models_final_lr(tmp_path):
     small = small_pt.save(tmp_path / "small.pt", BUILTIN, random_state_dict(BUILTIN), {"final_lr": 2e-4})
     args = parse_args([*BASE[:4], "--clone-from", str(small), "--width-factor", "2", "--handoff", "low-peak",
                        "--handoff-peak-factor", "3", "--lr-warmup-iters", "5", "--lr", "1e-2"])
-    schedule, text = build_schedule(args)
+    schedule, text = build_schedule(args.optim, args.start.clone_from)
     assert schedule.peak_lr == pytest.approx(6e-4) and schedule.lr(0) > 2e-4 and schedule.lr(4) == pytest.approx(6e-4)
     assert "final LR 0.0002 x 3" in text
     paper, _ = build_schedule(parse_args([*BASE[:4], "--clone-from", str(small), "--lr", "1e-2",
-                                          "--lr-warmup-iters", "5"]))
+                                          "--lr-warmup-iters", "5"]).optim, str(small))
     assert paper.lr(4) == pytest.approx(1e-2)
     flat, _ = build_schedule(parse_args([*BASE[:4], "--clone-from", str(small), "--lr", "1e-3",
-                                         "--handoff", "no-rewarmup"]))
+                                         "--handoff", "no-rewarmup"]).optim, str(small))
     assert flat.lr(0) == pytest.approx(1e-3)
 
 
@@ -93,7 +93,7 @@ def test_config_file_sets_flags_and_the_command_line_wins(tmp_path):
     file.write_text(json.dumps({"lr": 5e-4, "tensor-model-parallel-size": 2, "global_batch_size": 32,
                                 "train_iters": 7, "model_config": "configs/models/llama-tiny.json"}))
     args = parse_args(["--config", str(file), "--lr", "1e-3"])
-    assert (args.lr, args.tp, args.global_batch_size, args.train_iters) == (1e-3, 2, 32, 7)
+    assert (args.optim.lr, args.parallel.tp, args.batch.global_batch_size, args.optim.train_iters) == (1e-3, 2, 32, 7)
     file.write_text(json.dumps({"learning_rate": 1.0}))
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--config", str(file)])

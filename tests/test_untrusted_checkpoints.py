@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_cli_bad_inputs import RunsCode
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,8 @@
-"""Outputs appear complete or not at all: built under a temporary sibling name, renamed at the end."""
+"""Outputs appear complete or not at all: built under a hidden temporary sibling name, renamed at the end.
+
+Files (``write_bytes_atomic``, ``publish_files``) and checkpoint directories (``make_partial_dir``,
+``publish``, ``atomic_output_dir``) alike; an OSError while writing becomes one line naming the output.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import glob
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from hyperclone_dist.checkpoint import lock
@@ -16,6 +21,59 @@ from hyperclone_dist.errors import HypercloneError
 # Files whose presence marks a directory as a checkpoint this tool may replace with --overwrite.
 CHECKPOINT_MARKERS = ("config.json", "model.safetensors.index.json", "model.safetensors",
                       "latest_checkpointed_iteration.txt", "small.pt", "latest")
+
+
+NOTHING_KEPT = "; nothing was kept"
+
+
+def partial_path(path: Path) -> Path:
+    """A hidden sibling of ``path`` (same directory, so the final rename is atomic)."""
+    return path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def one_line_os_errors(target: Path, kept: str = ""):
+    """An OSError while writing ``target`` becomes a one-line HypercloneError (a full disk named as such);
+    ``kept``: what the message adds about what is left, e.g. "; nothing was kept"."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise HypercloneError(f"no space left on the device while writing {target}{kept}") from None
+        raise HypercloneError(f"cannot write {target}: {exc.strerror or exc}{kept}") from None
+
+
+def publish_files(pairs: list[tuple[Path, Path]]) -> None:
+    """Rename each finished temporary file onto its final name, in order. Old finals are removed first, so
+    that a reader never pairs a new file with an old one (e.g. a new ``.bin`` with the old ``.idx``)."""
+    for _, final in pairs:
+        final.unlink(missing_ok=True)
+    for tmp, final in pairs:
+        os.replace(tmp, final)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """``path`` holds ``data`` or what it held before, never part of it (OSError propagates)."""
+    tmp = partial_path(path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` writes the whole file at a temporary name, renamed onto ``path`` once it returns;
+    on any error nothing is left behind and a failed write is one line naming ``path``."""
+    path = Path(path)
+    with one_line_os_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = partial_path(path)
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def looks_like_checkpoint(path: Path) -> bool:
@@ -61,7 +119,7 @@ def make_partial_dir(out: Path, overwrite: bool = False, source: Path | None = N
         check_output_dir(out, overwrite, source)  # again: another writer may have published before we locked
         for stale in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+        tmp = partial_path(out)
         tmp.mkdir()
     except BaseException as exc:
         if not held_before:  # nothing is being written: no reason to keep others out
@@ -72,13 +130,8 @@ def make_partial_dir(out: Path, overwrite: bool = False, source: Path | None = N
     return tmp
 
 
-def publish(tmp: Path, out: Path, manifest: bool = True) -> None:
-    """Put the finished ``tmp`` in place of ``out`` (an old checkpoint there is moved aside first), with
-    its checksum manifest written last (``manifest=False``: the caller wrote it, e.g. hashed by all ranks)."""
-    from hyperclone_dist.checkpoint.manifest import write_manifest
-
-    if manifest:
-        write_manifest(tmp)
+def publish(tmp: Path, out: Path) -> None:
+    """Put the finished ``tmp`` in place of ``out`` (an old checkpoint there is moved aside first)."""
     if out.exists():
         trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(out, trash)
@@ -89,21 +142,19 @@ def publish(tmp: Path, out: Path, manifest: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: Path, overwrite: bool = False, source: Path | None = None, manifest: bool = True):
-    """Yield a fresh temporary directory; on success it replaces ``out`` (with a checksum manifest unless
-    ``manifest=False``), on any error it is removed."""
+def atomic_output_dir(out: Path, overwrite: bool = False, source: Path | None = None,
+                      finish: Callable[[Path], object] | None = None):
+    """Yield a fresh temporary directory; on success ``finish(tmp)`` runs last (e.g. writing the checksum
+    manifest) and it replaces ``out``; on any error it is removed."""
     out = Path(out)
     with lock.held_while_writing(out):
         tmp = make_partial_dir(out, overwrite, source)
         try:
-            yield tmp
-            publish(tmp, out, manifest)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if exc.errno == errno.ENOSPC:
-                raise HypercloneError(f"no space left on the device while writing {out}; "
-                                      "nothing was kept") from None
-            raise HypercloneError(f"cannot write {out}: {exc.strerror or exc}; nothing was kept") from None
+            with one_line_os_errors(out, NOTHING_KEPT):
+                yield tmp
+                if finish is not None:
+                    finish(tmp)
+                publish(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

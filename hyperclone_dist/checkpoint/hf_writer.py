@@ -21,7 +21,7 @@ from tqdm import tqdm
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.families import FAMILIES, hf_names_for
 from hyperclone_dist.hf_config import config_to_hf
-from hyperclone_dist.layout import fuse_hf, hf_shape
+from hyperclone_dist.hf_fusion import fuse_hf, hf_shape
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",

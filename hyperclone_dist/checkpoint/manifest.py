@@ -2,7 +2,7 @@
 
     {"format": "hyperclone-manifest", "version": 1, "algorithm": "sha256",
      "files": {"iter_0000000/__0_0.distcp": {"size": 904143, "hash": "...",
-               "tensors": [{"name": "decoder.layers.mlp.linear_fc1.weight[0:1, 0:176, 0:128]",
+               "tensors": [{"name": "<tensor key>[0:1, 0:176, 0:128]",
                             "offset": 354009, "length": 91689, "hash": "..."}, ...]}, ...}}
 
 Each regular file's size and SHA-256 (``sha256sum`` gives the same digest), plus, where the format says
@@ -24,12 +24,12 @@ import json
 import os
 import pickle
 import struct
-import uuid
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hyperclone_dist.checkpoint.atomic import write_bytes_atomic
 from hyperclone_dist.errors import HypercloneError
 
 MANIFEST = "hyperclone-manifest.json"
@@ -349,9 +349,7 @@ def write_manifest(root: Path, entries: dict[str, dict] | None = None,
         rest = [rel for rel, _ in list_files(root) if rel not in hashed]
         entries = {**file_entries(root, rest, threads=usable_cores()), **hashed}
     doc = {"format": FORMAT, "version": VERSION, "algorithm": ALGORITHM, "files": dict(sorted(entries.items()))}
-    tmp = root / f".{MANIFEST}.{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, root / MANIFEST)
+    write_bytes_atomic(root / MANIFEST, (json.dumps(doc, indent=1) + "\n").encode())
     return root / MANIFEST
 
 

@@ -4,7 +4,7 @@ A ``torch.save`` of a plain dict, loadable with ``torch.load(path, weights_only=
 
     {"format": "hyperclone-small", "version": 1,
      "config": ModelConfig.to_dict(),           # plain Python types only
-     "state_dict": {canonical_name: Tensor},    # unfused, [out, in]; no head.weight when tied
+     "state_dict": {canonical_name: Tensor},    # unfused, [out, in]; no tied copies (params.stored_shapes)
      "meta": {...}}                             # free-form: step, tokens seen, tokenizer path, ...
 """
 
@@ -17,17 +17,19 @@ from typing import Any
 
 import torch
 
+from hyperclone_dist.checkpoint.atomic import write_file_atomic
+from hyperclone_dist.checkpoint.source import Source, check_floating, check_shape
+from hyperclone_dist.checkpoint.torch_load import torch_load
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.errors import HypercloneError
+from hyperclone_dist.params import is_tied_copy, stored_name, stored_shapes
 
 FORMAT = "hyperclone-small"
 VERSION = 1
 
 
 def pack(config: ModelConfig, state_dict: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> dict:
-    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    if config.tie_word_embeddings:
-        state.pop("head.weight", None)
+    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if not is_tied_copy(config, k)}
     return {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "state_dict": state,
             "meta": dict(meta or {})}
 
@@ -80,15 +82,35 @@ def save(path: str | os.PathLike, config: ModelConfig, state_dict: dict[str, tor
          meta: dict[str, Any] | None = None) -> Path:
     """Write small.pt atomically: a temporary name in the same directory, renamed when complete."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch_save(pack(config, state_dict, meta), tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise HypercloneError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_file_atomic(path, lambda tmp: torch_save(pack(config, state_dict, meta), tmp))
     return path
+
+
+class SmallPtSource(Source):
+    """small.pt as canonical tensors: memory-mapped, so a tensor is read when it is used."""
+
+    kind = "small.pt"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise HypercloneError(f"no such file or directory: {self.path}")
+        self.config, self._state, self.meta = unpack(torch_load(self.path), self.path)
+        shapes = stored_shapes(self.config)
+        missing = [name for name in shapes if name not in self._state]
+        if missing:
+            raise HypercloneError(f"{self.path}: tensor {missing[0]} is missing (the config implies it)")
+        extra = sorted(set(self._state) - set(shapes))
+        if extra:
+            raise HypercloneError(f"{self.path}: unexpected tensors {extra[:3]} for this config")
+        for name, tensor in self._state.items():
+            check_shape(self.path, name, tuple(tensor.shape), shapes[name])
+        check_floating(self.path, {name: str(t.dtype).removeprefix("torch.") for name, t in self._state.items()
+                                   if not t.dtype.is_floating_point})
+        self.dtype = self._state[next(iter(shapes))].dtype  # the embedding's
+
+    def get(self, name: str) -> torch.Tensor:
+        name = stored_name(self.config, name)
+        if name not in self._state:
+            raise HypercloneError(f"{self.path}: tensor {name} is missing")
+        return self._state[name]

@@ -13,70 +13,41 @@ import argparse
 import os
 import sys
 
+import torch.distributed as dist
+
+from hyperclone_dist.cli.flags import (
+    EXIT_BAD_INPUT,
+    OneLineErrorParser,
+    add_growth_flags,
+    add_layout_flags,
+    growth_spec,
+    layout_from_args,
+)
+from hyperclone_dist.cli.quickstart import run_quickstart
+from hyperclone_dist.convert import DTYPES, convert
+from hyperclone_dist.data.cli import add_data_commands, run_data_command
 from hyperclone_dist.errors import HypercloneError
-
-EXIT_BAD_INPUT = 2
-
-
-class _OneLineErrorParser(argparse.ArgumentParser):
-    """A usage mistake is reported like every other bad input: one line, exit 2 (usage stays in --help)."""
-
-    def error(self, message: str):
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
-
-
-def _add_growth_flags(p: argparse.ArgumentParser) -> None:
-    from hyperclone_dist.growth.spec import METHODS
-
-    g = p.add_argument_group("growth")
-    g.add_argument("--width-factor", type=int, default=1, metavar="N",
-                   help="hidden size, query heads and kv heads grow xN (head_dim unchanged)")
-    g.add_argument("--ffn-factor", type=int, default=None, metavar="M",
-                   help="MLP inner width grows xM (default: N, keeping the hidden:ffn ratio)")
-    g.add_argument("--method", choices=METHODS, default="symmetric",
-                   help="HyperCloning variant, or warmstart (shrink, zero-pad, perturb; not function-preserving)")
-    g.add_argument("--snr-db", type=float, default=10.0, help="noisy variants: signal-to-noise ratio in dB")
-    g.add_argument("--snr-db-last", type=float, default=None, metavar="DB",
-                   help="noisy: the last layer's SNR; layers in between go linearly in dB from --snr-db")
-    g.add_argument("--shrink", type=float, default=0.5, help="warmstart: lambda on the zero-padded small weights")
-    g.add_argument("--perturb", type=float, default=1.0, help="warmstart: sigma on the target width's muP init")
-    depth = g.add_mutually_exclusive_group()
-    depth.add_argument("--insert-layers", metavar="SPEC",
-                       help="identity blocks: every:K (after every K-th layer), end:N, or a list like 3,7")
-    depth.add_argument("--stack", type=int, default=1, metavar="G",
-                       help="repeat the layer stack G times (not function-preserving)")
-    g.add_argument("--seed", type=int, default=0, help="seed of every random number (noise, perturbation)")
-
-
-def growth_spec(args: argparse.Namespace):
-    from hyperclone_dist.growth.spec import GrowthSpec
-
-    return GrowthSpec(width_factor=args.width_factor, ffn_factor=args.ffn_factor, method=args.method,
-                      snr_db=args.snr_db, snr_db_last=args.snr_db_last, shrink=args.shrink, perturb=args.perturb,
-                      insert_layers=args.insert_layers, stack=args.stack, seed=args.seed)
+from hyperclone_dist.inspect_ckpt import check_checkpoint, describe
+from hyperclone_dist.megatron.convert import convert_to_megatron
+from hyperclone_dist.megatron.export import export_checkpoint
+from hyperclone_dist.megatron.load import is_megatron_checkpoint
+from hyperclone_dist.megatron.parallel import destroy_parallel, init_distributed
+from hyperclone_dist.megatron.verify import verify_megatron
+from hyperclone_dist.verify import compare_checkpoints
 
 
 def _convert_megatron(args: argparse.Namespace) -> int:
     """Megatron output; under torchrun every process writes its share of the ranks."""
-    from hyperclone_dist.convert import DTYPES
-    from hyperclone_dist.megatron.convert import convert_to_megatron
-    from hyperclone_dist.megatron.mapping import Layout
-
-    from hyperclone_dist.megatron.parallel import destroy_parallel, init_distributed
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         init_distributed()
     try:
-        layout = Layout(tp=args.tp, pp=args.pp, vpp=args.vpp, vocab_divisible_by=args.vocab_divisible_by,
-                        spec=args.spec)
-        result = convert_to_megatron(args.src, args.out, growth_spec(args), layout, fmt=args.format,
+        result = convert_to_megatron(args.src, args.out, growth_spec(args), layout_from_args(args), fmt=args.format,
                                      dtype=DTYPES[args.dtype], overwrite=args.overwrite,
                                      progress=not args.no_progress, checksums=not args.no_checksums)
         if int(os.environ.get("RANK", "0")) == 0:
             g = result.large
-            print(f"wrote {result.out}: {args.format} tp={args.tp} pp={args.pp}"
-                  f"{f' vpp={args.vpp}' if args.vpp else ''}, {g.family} hidden {g.hidden_size}, "
-                  f"ffn {g.ffn_hidden_size}, layers {g.num_layers}")
+            print(f"wrote {result.out}: {args.format} {layout_from_args(args).describe()}, {g.family} hidden "
+                  f"{g.hidden_size}, ffn {g.ffn_hidden_size}, layers {g.num_layers}")
         return 0
     finally:
         destroy_parallel()
@@ -84,26 +55,20 @@ def _convert_megatron(args: argparse.Namespace) -> int:
 
 def _verify_megatron(args: argparse.Namespace) -> int:
     """Under torchrun with tp x pp processes: load into GPTModel at that layout, compare logits."""
-    from hyperclone_dist.megatron.mapping import Layout
-    from hyperclone_dist.megatron.parallel import destroy_parallel
-    from hyperclone_dist.megatron.verify import verify_megatron
-
+    layout = layout_from_args(args)
     try:
-        diff = verify_megatron(args.small, args.grown, Layout(tp=args.tp, pp=args.pp, vpp=args.vpp),
-                               args.seq_len, args.batch, args.seed)
-        import torch.distributed as dist
-
+        diff = verify_megatron(args.small, args.grown, layout, args.seq_len, args.batch, args.seed)
         if dist.get_rank() == 0:
             print(f"max abs logit diff {diff.max_abs:.3e}  max rel {diff.max_rel:.3e}  (tol {args.tol:g}, "
-                  f"GPTModel tp={args.tp} pp={args.pp}{f' vpp={args.vpp}' if args.vpp else ''}, "
-                  f"batch {diff.batch} x {diff.seq_len} tokens, float32)  {'OK' if diff.ok(args.tol) else 'FAIL'}")
+                  f"GPTModel {layout.describe()}, batch {diff.batch} x {diff.seq_len} tokens, float32)  "
+                  f"{'OK' if diff.ok(args.tol) else 'FAIL'}")
         return 0 if diff.ok(args.tol) else 1
     finally:
         destroy_parallel()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineErrorParser(prog="hyperclone", description=__doc__.split("\n\n")[0])
+    parser = OneLineErrorParser(prog="hyperclone", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="grow a small checkpoint into a larger one")
@@ -112,13 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["hf", "torch_dist", "legacy"], default="hf",
                    help="hf: Hugging Face safetensors; torch_dist: megatron-core dist_checkpointing "
                         "(reshardable); legacy: megatron iter_*/mp_rank_*/model_optim_rng.pt")
-    p.add_argument("--tp", type=int, default=1, help="megatron formats: tensor-parallel size")
-    p.add_argument("--pp", type=int, default=1, help="megatron formats: pipeline-parallel size")
-    p.add_argument("--vpp", type=int, default=None, help="megatron formats: virtual stages per pipeline rank")
-    p.add_argument("--spec", choices=["local", "te"], default="local",
-                   help="megatron formats: parameter names of the local or the TransformerEngine layer spec")
-    p.add_argument("--vocab-divisible-by", type=int, default=128,
-                   help="megatron formats: pad the vocab to a multiple of this x tp (Megatron-LM's default)")
+    add_layout_flags(p, "megatron formats", padding=True)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--shard-size", type=float, default=2.0, metavar="GiB", help="max safetensors shard size")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
@@ -126,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write no hyperclone-manifest.json (its SHA-256 hashing is about a third of a torch_dist "
                         "conversion's CPU time)")
     p.add_argument("--no-progress", action="store_true")
-    _add_growth_flags(p)
+    add_growth_flags(p)
 
     p = sub.add_parser("verify", help="compare logits of a small and a grown model (exit 0 within tolerance)")
     p.add_argument("small", help="HF model directory or small.pt")
@@ -135,9 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: full context)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seed", type=int, default=1234, help="seed of the token ids")
-    p.add_argument("--tp", type=int, default=1, help="megatron checkpoints: tensor-parallel size to load at")
-    p.add_argument("--pp", type=int, default=1, help="megatron checkpoints: pipeline-parallel size to load at")
-    p.add_argument("--vpp", type=int, default=None, help="megatron checkpoints: virtual pipeline stages")
+    add_layout_flags(p, "megatron checkpoints, the layout to load at")
 
     p = sub.add_parser("export", help="a megatron checkpoint (legacy or torch_dist) to HF or small.pt")
     p.add_argument("ckpt", help="megatron checkpoint directory (holds latest_checkpointed_iteration.txt)")
@@ -158,8 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="grow the built-in model x2 and verify it (no downloads)")
     p.add_argument("--out", default="runs/quickstart")
 
-    from hyperclone_dist.data.cli import add_data_commands
-
     add_data_commands(sub)
     return parser
 
@@ -171,8 +126,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "convert" and args.format != "hf":
             return _convert_megatron(args)
         if args.command == "convert":
-            from hyperclone_dist.convert import convert
-
             result = convert(args.src, args.out, growth_spec(args), fmt=args.format, dtype=args.dtype,
                              overwrite=args.overwrite, shard_bytes=int(args.shard_size * 2**30),
                              progress=not args.no_progress, checksums=not args.no_checksums)
@@ -181,9 +134,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"ffn {s.ffn_hidden_size}->{g.ffn_hidden_size}, layers {s.num_layers}->{g.num_layers}")
             return 0
         if args.command == "verify":
-            from hyperclone_dist.megatron.load import is_megatron_checkpoint
-            from hyperclone_dist.verify import compare_checkpoints
-
             if is_megatron_checkpoint(args.grown):
                 return _verify_megatron(args)
             diff = compare_checkpoints(args.small, args.grown, args.seq_len, args.batch, args.seed)
@@ -192,16 +142,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"batch {diff.batch} x {diff.seq_len} tokens, float32)  {verdict}")
             return 0 if diff.ok(args.tol) else 1
         if args.command == "export":
-            from hyperclone_dist.convert import DTYPES
-            from hyperclone_dist.megatron.export import export_checkpoint
-
             cfg = export_checkpoint(args.ckpt, args.out, args.format, DTYPES[args.dtype], args.overwrite,
                                     progress=not args.no_progress)
             print(f"wrote {args.out}: {args.format}, {cfg.family} hidden {cfg.hidden_size}, layers {cfg.num_layers}")
             return 0
         if args.command == "inspect" and args.check:
-            from hyperclone_dist.inspect_ckpt import check_checkpoint
-
             result = check_checkpoint(args.path)
             for line in result.warnings:
                 print(f"warning: {line}")
@@ -212,17 +157,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"OK: {result.files} files, {result.tensors} tensors, {result.nbytes / 2**20:.1f} MiB verified")
             return 0
         if args.command == "inspect":
-            from hyperclone_dist.inspect_ckpt import describe
-
             print(describe(args.path, args.tensors))
             return 0
         if args.command == "quickstart":
-            from hyperclone_dist.cli.quickstart import run_quickstart
-
             return run_quickstart(args.out)
         if args.command == "data":
-            from hyperclone_dist.data.cli import run_data_command
-
             return run_data_command(args)
     except HypercloneError as exc:
         print(f"hyperclone {args.command}: error: {exc}", file=sys.stderr)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 
 from hyperclone_dist.data.corpus import DEFAULT_CORPUS_BYTES, DEFAULT_JSON_KEY
-from hyperclone_dist.data.tokenizer import DEFAULT_MAX_SENTENCES, DEFAULT_VOCAB_SIZE
+from hyperclone_dist.data.loader import inspect_prefix, tokenizer_info
+from hyperclone_dist.data.prepare import prepare_dataset
+from hyperclone_dist.data.tokenizer import DEFAULT_MAX_SENTENCES, DEFAULT_VOCAB_SIZE, SPECIAL_IDS, train_tokenizer
 
 
 def _add_corpus_flags(p: argparse.ArgumentParser) -> None:
@@ -53,8 +55,6 @@ def run_data_command(args: argparse.Namespace) -> int:
     """Run a parsed ``hyperclone data ...``; HypercloneError propagates to main()'s one-line handler."""
     corpus_bytes = int(getattr(args, "default_corpus_mb", 0) * 1e6)
     if args.data_command == "tokenizer":
-        from hyperclone_dist.data.tokenizer import SPECIAL_IDS, train_tokenizer
-
         r = train_tokenizer(args.input, args.out, args.vocab_size, json_key=args.json_key,
                             max_sentences=args.max_sentences, seed=args.seed,
                             default_corpus_bytes=corpus_bytes)
@@ -63,16 +63,12 @@ def run_data_command(args: argparse.Namespace) -> int:
               f"trained on {r.sentences} lines of {r.documents} documents")
         return 0
     if args.data_command == "prepare":
-        from hyperclone_dist.data.prepare import prepare_dataset
-
         r = prepare_dataset(args.input, args.tokenizer, args.out, json_key=args.json_key,
                             default_corpus_bytes=corpus_bytes, progress=False if args.no_progress else None)
         print(f"wrote {r.prefix}.bin, {r.prefix}.idx: {r.documents} documents, {r.tokens} tokens "
               f"({r.dtype}), eod id {r.eod} after each document")
         return 0
     if args.data_command == "inspect":
-        from hyperclone_dist.data.loader import inspect_prefix, tokenizer_info
-
         info = tokenizer_info(args.tokenizer) if args.tokenizer else None
         for prefix in args.prefixes:
             s = inspect_prefix(prefix, max_token_id=info is not None)

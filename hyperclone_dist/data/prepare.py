@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hyperclone_dist.data.atomic import os_errors_as_hyperclone, partial_path, publish_files
+from hyperclone_dist.checkpoint.atomic import NOTHING_KEPT, one_line_os_errors, partial_path, publish_files
 from hyperclone_dist.data.corpus import DEFAULT_CORPUS_BYTES, DEFAULT_JSON_KEY, iter_documents, resolve_corpus
 from hyperclone_dist.data.tokenizer import open_sentencepiece
 
@@ -67,7 +67,7 @@ def prepare_dataset(inputs: Sequence[str | Path] | None, tokenizer_model: str | 
             documents += 1
             tokens += ids.size
 
-    with os_errors_as_hyperclone(bin_path):
+    with one_line_os_errors(bin_path, NOTHING_KEPT):
         prefix.parent.mkdir(parents=True, exist_ok=True)
         tmp_bin, tmp_idx = partial_path(bin_path), partial_path(idx_path)
         builder = None

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hyperclone_dist.data.atomic import write_bytes_atomic
+from hyperclone_dist.checkpoint.atomic import write_file_atomic
 from hyperclone_dist.data.corpus import DEFAULT_CORPUS_BYTES, DEFAULT_JSON_KEY, iter_documents, resolve_corpus
 from hyperclone_dist.errors import HypercloneError
 
@@ -112,7 +112,7 @@ def train_tokenizer_on_documents(documents: Iterable[str], out_prefix: str | Pat
     except (RuntimeError, OSError) as exc:
         raise HypercloneError(f"sentencepiece cannot train a {vocab_size}-piece vocabulary on {source}: "
                               f"{_sentencepiece_message(exc)}") from None
-    write_bytes_atomic(model, buffer.getvalue())
+    write_file_atomic(model, lambda tmp: tmp.write_bytes(buffer.getvalue()))
     return TrainedTokenizer(model, vocab_size, docs, len(lines))
 
 

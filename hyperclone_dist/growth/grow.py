@@ -15,9 +15,8 @@ import torch
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.growth.noise import field_key, mean_square, noise_rows
-from hyperclone_dist.growth.rules import Rule, axis_factor, rule_for
 from hyperclone_dist.growth.spec import GrowthSpec, LayerSource, layer_plan
-from hyperclone_dist.params import canonical_shapes, layer_of
+from hyperclone_dist.params import Rule, canonical_shapes, is_tied_copy, layer_of, rule_for
 
 Index = Sequence[slice] | None
 
@@ -57,11 +56,9 @@ class Grower:
         self._mean_squares: dict[str, float] = {}
 
     # ---- bookkeeping ----------------------------------------------------------------------------
-    def names(self, with_head: bool | None = None) -> list[str]:
-        """Grown canonical names in forward order; the head is left out when the output stays tied."""
-        if with_head is None:
-            with_head = not self.large.tie_word_embeddings
-        return [k for k in self.shapes if with_head or k != "head.weight"]
+    def names(self) -> list[str]:
+        """The grown model's stored tensors in forward order (a head that stays tied is the embedding)."""
+        return [name for name in self.shapes if not is_tied_copy(self.large, name)]
 
     def source_of(self, name: str) -> tuple[str, LayerSource | None]:
         layer = layer_of(name)
@@ -71,7 +68,7 @@ class Grower:
         return name.replace(f"layers.{layer}.", f"layers.{source.source}.", 1), source
 
     def factors(self, name: str) -> tuple[int, ...]:
-        return tuple(axis_factor(a, self.spec.n, self.spec.m) for a in rule_for(name).axes)
+        return tuple(self.spec.factor(a) for a in rule_for(name).axes)
 
     # ---- the primitive --------------------------------------------------------------------------
     def slice(self, name: str, index: Index = None, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -92,7 +89,7 @@ class Grower:
         out_shape = tuple(hi - lo for lo, hi in bounds)
         if small.is_meta:
             return torch.empty(out_shape, dtype=out_dtype, device="meta")
-        if source is not None and source.identity and rule.zero_on_insert:
+        if source is not None and source.identity and rule.residual_writer:
             return torch.zeros(out_shape, dtype=out_dtype)
         work = small.to(torch.float64 if small.dtype == torch.float64 else torch.float32)
         if self.spec.method == "warmstart":
@@ -168,10 +165,10 @@ class Grower:
         """The target width's muP init std for ``name`` (base std = the small model's init_std)."""
         rule = rule_for(name)
         base = self.small.init_std
-        if rule.init == "embed":
+        if rule.mup == "embed":
             return base
         fan_in_mult = self.factors(name)[-1]  # large fan-in / small fan-in
-        if rule.init == "output":
+        if rule.mup == "output":
             return base / fan_in_mult  # muP output layer: variance 1/fan_in^2
         return base / math.sqrt(fan_in_mult)  # hidden matrices: variance 1/fan_in
 
@@ -180,7 +177,7 @@ class Grower:
         small_box = [range(lo, min(hi, size)) for (lo, hi), size in zip(bounds, w.shape)]
         out_shape = tuple(hi - lo for lo, hi in bounds)
         if w.dim() == 1:
-            out = torch.full(out_shape, 1.0 if rule.init == "one" else 0.0, dtype=w.dtype)
+            out = torch.full(out_shape, 1.0 if rule.mup == "one" else 0.0, dtype=w.dtype)
             (lo, _), = bounds
             if len(small_box[0]):
                 out[: len(small_box[0])] = w[small_box[0].start:small_box[0].stop]

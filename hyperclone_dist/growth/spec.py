@@ -44,6 +44,11 @@ class GrowthSpec:
     def m(self) -> int:
         return self.width_factor if self.ffn_factor is None else self.ffn_factor
 
+    def factor(self, axis: str) -> int:
+        """Copies of a dimension that counts ``axis`` (params.py): the width factor for hidden units and
+        heads, the FFN factor for MLP units; vocabulary and positions never grow."""
+        return {"vocab": 1, "pos": 1, "hidden": self.n, "q": self.n, "kv": self.n, "ffn": self.m}[axis]
+
     @property
     def function_preserving(self) -> bool:
         return self.method != "warmstart" and self.stack == 1

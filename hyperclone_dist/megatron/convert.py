@@ -1,8 +1,8 @@
-"""Shard-direct conversion: each model-parallel rank's state dict, grown straight from the small tensors.
+"""Shard-direct conversion: each model-parallel rank's tensors, grown straight from the small tensors.
 
-``rank_state_dicts`` is the in-process entry point (the trainer's ``--clone-from`` calls it for its own
-rank; no files in between). ``convert_to_megatron`` writes whole checkpoints, one rank at a time in a
-single process, or — under torchrun — each process writing only the ranks assigned to it.
+``convert_to_megatron`` writes whole checkpoints, one rank at a time in a single process, or, under
+torchrun, each process writing only the ranks assigned to it. (The trainer's ``--clone-from`` grows its
+own rank's slices in memory through the same mapping, megatron/weights.py; no files in between.)
 
     hyperclone convert small/ --out ckpt --format legacy --tp 2 --pp 2 --width-factor 2 --method noisy
     torchrun --nproc_per_node 4 -m hyperclone_dist.cli.main convert small/ --out ckpt --format legacy --tp 2 --pp 2 ...
@@ -20,32 +20,21 @@ from tqdm import tqdm
 
 from hyperclone_dist.checkpoint import lock
 from hyperclone_dist.checkpoint.atomic import make_partial_dir, publish
-from hyperclone_dist.checkpoint.reader import SourceCheckpoint
+from hyperclone_dist.checkpoint.manifest import write_manifest, write_manifests_together
 from hyperclone_dist.checkpoint.small_pt import torch_save
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.growth.grow import Grower
 from hyperclone_dist.growth.spec import GrowthSpec
-from hyperclone_dist.megatron import legacy
-from hyperclone_dist.megatron.mapping import Layout, check_layout, chunk_params, local_tensor
+from hyperclone_dist.layout import Layout
+from hyperclone_dist.megatron import legacy, torch_dist
 from hyperclone_dist.megatron.model import check_representable
+from hyperclone_dist.megatron.parallel import init_model_parallel
+from hyperclone_dist.megatron.torch_dist_serial import save_grown_serially
+from hyperclone_dist.megatron.weights import rank_state_dicts
+from hyperclone_dist.sources import open_source
 
 MEGATRON_FORMATS = ("legacy", "torch_dist")
-
-
-def rank_state_dicts(grower: Grower, layout: Layout, tp_rank: int, pp_rank: int,
-                     dtype: torch.dtype = torch.float32) -> list[dict[str, torch.Tensor]]:
-    """Local state dicts (one per model chunk) of rank (tp_rank, pp_rank), in megatron's layout."""
-    cfg = grower.large
-    check_representable(cfg)
-    check_layout(cfg, layout)
-    chunks = []
-    for chunk in range(layout.chunks):
-        state = {}
-        for name, row, layer in chunk_params(cfg, layout, pp_rank, chunk):
-            state[name] = local_tensor(cfg, layout, row, layer, tp_rank, grower.slice).to(dtype).contiguous()
-        chunks.append(state)
-    return chunks
 
 
 @dataclass
@@ -78,10 +67,10 @@ def convert_to_megatron(src: str | Path, out: str | Path, spec: GrowthSpec, layo
 
 def _grow_and_write(src: Path, out: Path, spec: GrowthSpec, layout: Layout, fmt: str, dtype: torch.dtype,
                     overwrite: bool, progress: bool, checksums: bool) -> MegatronConvertResult:
-    source = SourceCheckpoint(src)
+    source = open_source(src)
     grower = Grower(source.config, spec, source.get, source.get_rows)
     check_representable(grower.large)
-    check_layout(grower.large, layout)
+    layout.validate(grower.large)
     if fmt == "torch_dist":
         return _convert_torch_dist(src, out, grower, layout, dtype, overwrite, progress, checksums)
     dist = _dist()
@@ -94,7 +83,7 @@ def _grow_and_write(src: Path, out: Path, spec: GrowthSpec, layout: Layout, fmt:
     failure = None
     try:
         for tp_rank, pp_rank in tqdm(mine, desc=f"converting (process {rank})", unit="rank", disable=not progress):
-            chunks = rank_state_dicts(grower, layout, tp_rank, pp_rank, dtype)
+            chunks = rank_state_dicts(grower.large, layout, tp_rank, pp_rank, grower.slice, dtype)
             target = legacy.rank_dir(tmp, 0, layout, tp_rank, pp_rank)
             target.mkdir(parents=True, exist_ok=True)
             torch_save(legacy.rank_payload(chunks, args, 0), target / legacy.RANK_FILE)  # OSError if disk full
@@ -109,9 +98,6 @@ def _convert_torch_dist(src: Path, out: Path, grower: Grower, layout: Layout, dt
                         overwrite: bool, progress: bool, checksums: bool) -> MegatronConvertResult:
     """One process per model-parallel rank (processes beyond tp x pp are data-parallel replicas that
     megatron's replica ids keep from writing twice)."""
-    from hyperclone_dist.megatron import torch_dist
-    from hyperclone_dist.megatron.parallel import init_model_parallel
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and _dist() is None:
         return _convert_torch_dist_serially(src, out, grower, layout, dtype, overwrite, progress, checksums)
@@ -120,7 +106,7 @@ def _convert_torch_dist(src: Path, out: Path, grower: Grower, layout: Layout, dt
             f"torch_dist at tp x pp = {layout.tp} x {layout.pp} from several processes needs one process per "
             f"model-parallel rank: torchrun --nproc_per_node {layout.world} (this job has {world}), or run "
             "without torchrun to write every rank from one process")
-    init_model_parallel(layout.tp, layout.pp, layout.vpp)
+    init_model_parallel(layout)
     dist = _dist()
     rank = dist.get_rank()
     tmp = _shared_tmp_dir(out, overwrite, src, dist, rank)
@@ -137,8 +123,6 @@ def _convert_torch_dist_serially(src: Path, out: Path, grower: Grower, layout: L
                                  overwrite: bool, progress: bool, checksums: bool) -> MegatronConvertResult:
     """A single process writes every rank in turn, holding two ranks' shards at a time (one growing, one
     being written)."""
-    from hyperclone_dist.megatron.torch_dist_serial import save_grown_serially
-
     tmp = make_partial_dir(out, overwrite, src)
     failure, written, hashed = None, 0, {}
     try:
@@ -172,8 +156,6 @@ def _finish(out: Path, tmp: Path, dist, rank: int, failure: BaseException | None
     checksum manifest is written (files not in ``hashed`` are hashed now, by every process, shared out),
     and rank 0 renames.
     On any failure the temporary directory is removed and nothing appears at ``out``."""
-    from hyperclone_dist.checkpoint.manifest import write_manifest, write_manifests_together
-
     failed = torch.tensor([1 if failure else 0])
     if dist:
         dist.all_reduce(failed)
@@ -192,7 +174,7 @@ def _finish(out: Path, tmp: Path, dist, rank: int, failure: BaseException | None
         elif checksums:
             write_manifest(tmp, hashed=hashed)
         if rank == 0:
-            publish(tmp, out, manifest=False)
+            publish(tmp, out)
     except BaseException:
         if dist:
             dist.barrier()

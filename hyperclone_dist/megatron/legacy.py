@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
+from hyperclone_dist.checkpoint.torch_load import torch_load
 from hyperclone_dist.config import ModelConfig
-from hyperclone_dist.megatron.mapping import Layout, padded_vocab_size
+from hyperclone_dist.layout import Layout
 
 CHECKPOINT_VERSION = 3.0
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -38,7 +39,7 @@ def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, iteratio
         num_attention_heads=cfg.num_heads, kv_channels=cfg.head_dim,
         group_query_attention=cfg.num_kv_heads != cfg.num_heads, num_query_groups=cfg.num_kv_heads,
         max_position_embeddings=cfg.max_position_embeddings, seq_length=cfg.max_position_embeddings,
-        padded_vocab_size=padded_vocab_size(cfg.vocab_size, layout.tp, layout.vocab_divisible_by),
+        padded_vocab_size=layout.padded_vocab(cfg.vocab_size),
         vocab_size=cfg.vocab_size, make_vocab_size_divisible_by=layout.vocab_divisible_by,
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
@@ -66,7 +67,5 @@ def rank_payload(models: list[dict[str, torch.Tensor]], args: argparse.Namespace
 
 def load_rank(path: Path) -> dict:
     """Read one rank's file without executing code: ``argparse.Namespace`` is the only class allowed."""
-    from hyperclone_dist.checkpoint.reader import torch_load
-
     with torch.serialization.safe_globals([argparse.Namespace, torch.float32.__class__]):
         return torch_load(path)

@@ -8,8 +8,8 @@ import torch
 
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.errors import HypercloneError
+from hyperclone_dist.layout import Layout
 from hyperclone_dist.megatron import legacy
-from hyperclone_dist.megatron.mapping import Layout
 
 
 def is_megatron_checkpoint(path: str | Path) -> bool:

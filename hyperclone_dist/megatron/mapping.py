@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from hyperclone_dist.config import ModelConfig
-from hyperclone_dist.errors import HypercloneError
-from hyperclone_dist.params import canonical_shapes
+from hyperclone_dist.layout import Layout
+from hyperclone_dist.params import Rule, canonical_shapes, is_tied_copy, rule_for, stored_name
 
 SliceFn = Callable[[str, Sequence[slice]], torch.Tensor]
 
@@ -34,6 +34,7 @@ class MegatronParam:
 
 _Q, _K, _V = "layers.{i}.attn.q", "layers.{i}.attn.k", "layers.{i}.attn.v"
 _L = "decoder.layers.{i}."
+_EMBEDDING = "embedding."
 
 # First row whose parts all exist wins, so the gated fc1 row shadows the plain one for SwiGLU models.
 LOCAL_SPEC: tuple[MegatronParam, ...] = (
@@ -69,49 +70,6 @@ TE_RENAMES = {
 }
 
 
-def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
-    """Megatron pads the vocab to a multiple of ``divisible_by * tp``."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
-
-
-@dataclass(frozen=True)
-class Layout:
-    tp: int = 1
-    pp: int = 1
-    vpp: int | None = None  # virtual pipeline stages (model chunks) per pipeline rank
-    vocab_divisible_by: int = 128
-    spec: str = "local"  # local | te
-
-    @property
-    def chunks(self) -> int:
-        return self.vpp or 1
-
-    @property
-    def world(self) -> int:
-        return self.tp * self.pp
-
-
-def check_layout(cfg: ModelConfig, layout: Layout) -> None:
-    """Refuse layouts megatron-core cannot build for this model, naming the numbers."""
-    if layout.tp < 1 or layout.pp < 1 or (layout.vpp is not None and layout.vpp < 1):
-        raise HypercloneError(f"tp={layout.tp}, pp={layout.pp}, vpp={layout.vpp} must be >= 1")
-    if layout.vocab_divisible_by < 1:
-        raise HypercloneError(f"--vocab-divisible-by {layout.vocab_divisible_by} must be >= 1")
-    if cfg.num_heads % layout.tp:
-        raise HypercloneError(f"attention heads ({cfg.num_heads}) are not divisible by tp={layout.tp}")
-    if cfg.num_kv_heads % layout.tp:
-        raise HypercloneError(f"query groups / kv heads ({cfg.num_kv_heads}) are not divisible by tp={layout.tp}")
-    if cfg.ffn_hidden_size % layout.tp:
-        raise HypercloneError(f"ffn hidden size ({cfg.ffn_hidden_size}) is not divisible by tp={layout.tp}")
-    stages = layout.pp * layout.chunks
-    if cfg.num_layers % stages:
-        raise HypercloneError(f"layers ({cfg.num_layers}) are not divisible by pp x vpp = {layout.pp} x "
-                              f"{layout.chunks} = {stages}")
-    if layout.vpp is not None and layout.pp < 2:
-        raise HypercloneError("virtual pipeline stages (vpp) need pp >= 2")
-
-
 def chunk_layers(num_layers: int, layout: Layout, pp_rank: int, chunk: int) -> list[int]:
     """Global layer indices of model chunk ``chunk`` on pipeline rank ``pp_rank`` (megatron's
     interleaved assignment: chunk v of rank p holds the (v * pp + p)-th block of layers)."""
@@ -120,36 +78,53 @@ def chunk_layers(num_layers: int, layout: Layout, pp_rank: int, chunk: int) -> l
     return list(range(first, first + per_chunk))
 
 
-def chunk_params(cfg: ModelConfig, layout: Layout, pp_rank: int, chunk: int) -> list[tuple[str, MegatronParam, int | None]]:
+def chunk_params(cfg: ModelConfig, layout: Layout, pp_rank: int,
+                 chunk: int) -> list[tuple[str, MegatronParam, int | None]]:
     """``(local_name, row, global_layer)`` for every parameter of one model chunk, in module order."""
     existing = canonical_shapes(cfg)
     first_stage = pp_rank == 0 and chunk == 0
     last_stage = pp_rank == layout.pp - 1 and chunk == layout.chunks - 1
-    tied = cfg.tie_word_embeddings
     out: list[tuple[str, MegatronParam, int | None]] = []
 
     def pick(rows: list[MegatronParam], layer: int | None, local: int | None):
         taken: set[str] = set()
         for row in rows:
-            if row.name in taken:
-                continue
             parts = [p.format(i=layer) for p in row.parts]
-            if all(p in existing for p in parts):
-                taken.add(row.name)
-                name = row.name.format(i=local)
-                out.append((_rename(name, layout.spec), row, layer))
+            if row.name in taken or not all(p in existing for p in parts):
+                continue
+            taken.add(row.name)
+            name = _rename(row.name.format(i=local), layout.spec)
+            tied = [p for p in parts if is_tied_copy(cfg, p)]
+            if tied and first_stage:
+                continue  # one stage holds the shared tensor once, as what it is tied to
+            if tied:  # a later stage keeps its own copy of the shared tensor, built from that tensor
+                row = _row_holding(stored_name(cfg, tied[0]))
+            out.append((name, row, layer))
 
     if first_stage:
-        pick([r for r in LOCAL_SPEC if r.name.startswith("embedding.")], None, None)
+        pick([r for r in LOCAL_SPEC if r.name.startswith(_EMBEDDING)], None, None)
     for local, layer in enumerate(chunk_layers(cfg.num_layers, layout, pp_rank, chunk)):
         pick([r for r in LOCAL_SPEC if r.name.startswith(_L)], layer, local)
     if last_stage:
-        pick([r for r in LOCAL_SPEC if r.name.startswith("decoder.final")], None, None)
-        if not tied:
-            pick([r for r in LOCAL_SPEC if r.name == "output_layer.weight"], None, None)
-        elif not first_stage:  # the last stage keeps its own copy of the shared embedding
-            out.append(("output_layer.weight", LOCAL_SPEC[0], None))
+        pick([r for r in LOCAL_SPEC if not r.name.startswith((_EMBEDDING, _L))], None, None)
     return out
+
+
+def chunk_rules(cfg: ModelConfig, layout: Layout, pp_rank: int, chunk: int) -> dict[str, tuple[Rule, ...]]:
+    """Local parameter name -> the rules (params.py) of the canonical tensors it is made of: how code
+    that holds megatron's modules asks what a parameter is."""
+    return {name: tuple(rule_for(p.format(i=layer)) for p in row.parts)
+            for name, row, layer in chunk_params(cfg, layout, pp_rank, chunk)}
+
+
+def torch_dist_key(local_name: str) -> str:
+    """The checkpoint key megatron gives a local-spec parameter: layer index dropped (layers are stacked
+    on a leading axis) and norms named as in the TransformerEngine spec."""
+    layers = _L.split("{i}")[0]
+    if not local_name.startswith(layers):
+        return local_name
+    rest = local_name.split(".", 3)[3]
+    return layers + TE_RENAMES.get(rest, rest)
 
 
 def _rename(name: str, spec: str) -> str:
@@ -161,13 +136,18 @@ def _rename(name: str, spec: str) -> str:
     return name
 
 
+def _row_holding(canonical: str) -> MegatronParam:
+    """The table row whose only part is ``canonical``."""
+    return next(row for row in LOCAL_SPEC if row.parts == (canonical,))
+
+
 def local_shape(cfg: ModelConfig, layout: Layout, row: MegatronParam, layer: int | None) -> tuple[int, ...]:
     shapes = canonical_shapes(cfg)
     parts = [shapes[p.format(i=layer)] for p in row.parts]
     rows = sum(s[0] for s in parts)
     shape = [rows, *parts[0][1:]]
     if row.split == VOCAB:
-        shape[0] = padded_vocab_size(cfg.vocab_size, layout.tp, layout.vocab_divisible_by)
+        shape[0] = layout.padded_vocab(cfg.vocab_size)
     if row.split == POSITIONS:
         shape[0] = cfg.max_position_embeddings
     axis = TP_AXIS[row.split]
@@ -193,7 +173,7 @@ def local_tensor(cfg: ModelConfig, layout: Layout, row: MegatronParam, layer: in
         cols = first[1] // tp
         return slice_fn(parts[0], [slice(None), slice(tp_rank * cols, (tp_rank + 1) * cols)])
     if row.split == VOCAB:
-        rows = padded_vocab_size(cfg.vocab_size, tp, layout.vocab_divisible_by) // tp
+        rows = layout.padded_vocab(cfg.vocab_size) // tp
         lo, hi = tp_rank * rows, (tp_rank + 1) * rows
         out = torch.zeros(rows, *first[1:])  # padded rows: never looked up, logits of real tokens unaffected
         real_hi = min(hi, cfg.vocab_size)
@@ -207,10 +187,26 @@ def local_tensor(cfg: ModelConfig, layout: Layout, row: MegatronParam, layer: in
 
 
 def _qkv_local(cfg: ModelConfig, parts, tp: int, tp_rank: int, slice_fn: SliceFn, rest) -> torch.Tensor:
-    """Megatron's fused QKV rows for this rank: for each of its query groups, [q heads; k; v]."""
+    """Megatron's fused QKV rows for this rank: for each of its query groups, [q heads; k; v].
+
+    With fewer query groups than TP ranks (megatron-core all-gathers the QKV output and each rank takes its
+    group's heads back), a rank holds its contiguous 1/tp of the group-fused rows: part of one group."""
+    q_per_group, d = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    if cfg.num_kv_heads < tp:
+        ranks_per_group = tp // cfg.num_kv_heads
+        group, piece = divmod(tp_rank, ranks_per_group)
+        rows = (q_per_group + 2) * d // ranks_per_group
+        lo, hi = piece * rows, (piece + 1) * rows  # within the group's [q heads; k; v]
+        blocks = ((parts[0], group * q_per_group * d, q_per_group * d), (parts[1], group * d, d),
+                  (parts[2], group * d, d))  # (part, first row of the group in it, rows of the group)
+        pieces, start = [], 0
+        for part, first, size in blocks:
+            a, b = max(lo, start), min(hi, start + size)
+            if a < b:
+                pieces.append(slice_fn(part, [slice(first + a - start, first + b - start), *rest]))
+            start += size
+        return torch.cat(pieces)
     groups = cfg.num_kv_heads // tp
-    q_per_group = cfg.num_heads // cfg.num_kv_heads
-    d = cfg.head_dim
     g0 = tp_rank * groups
     q = slice_fn(parts[0], [slice(g0 * q_per_group * d, (g0 + groups) * q_per_group * d), *rest])
     k = slice_fn(parts[1], [slice(g0 * d, (g0 + groups) * d), *rest])
@@ -221,9 +217,18 @@ def _qkv_local(cfg: ModelConfig, parts, tp: int, tp_rank: int, slice_fn: SliceFn
     return fused.reshape(-1, *tail)
 
 
+def gathers_over_tp(cfg: ModelConfig, layout: Layout, row: MegatronParam) -> bool:
+    """True where a rank's local tensor is not its own set of canonical rows (QKV with fewer query groups
+    than TP ranks): its pieces are only canonical once every rank's are concatenated."""
+    return row.fuse == "qkv" and cfg.num_kv_heads < layout.tp
+
+
 def split_local(cfg: ModelConfig, layout: Layout, row: MegatronParam, tensor: torch.Tensor) -> list[torch.Tensor]:
     """Inverse of the fusing in ``local_tensor`` for one rank's tensor: its canonical pieces, in ``row.parts``
-    order (each the rank's rows or columns of that canonical tensor)."""
+    order (each the rank's rows or columns of that canonical tensor). Where ``gathers_over_tp``, pass the
+    TP ranks' tensors concatenated, with ``Layout()``."""
+    if gathers_over_tp(cfg, layout, row):
+        raise ValueError("split the concatenation of every TP rank's tensor at Layout()")
     if row.fuse == "qkv":
         groups = cfg.num_kv_heads // layout.tp
         q_per_group, d = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim

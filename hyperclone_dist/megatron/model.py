@@ -29,10 +29,8 @@ import torch.nn.functional as F
 
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.errors import HypercloneError
+from hyperclone_dist.layout import DEFAULT_VOCAB_DIVISIBLE_BY, Layout
 from hyperclone_dist.megatron.cpu_shims import apply_cpu_shims
-from hyperclone_dist.megatron.mapping import padded_vocab_size
-
-DEFAULT_VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's --make-vocab-size-divisible-by default
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -133,19 +131,6 @@ def _sliding_window(cfg: ModelConfig) -> tuple[int, int] | None:
     return (int(window) - 1, 0)
 
 
-def _check_divisible(cfg: ModelConfig, tp: int, pp: int, vpp: int | None) -> None:
-    chunks = pp * (vpp or 1)
-    if cfg.num_layers % chunks:
-        raise HypercloneError(
-            f"num_layers={cfg.num_layers} does not split evenly into pp*vpp = {chunks} chunks")
-    for name in ("num_heads", "ffn_hidden_size"):
-        if getattr(cfg, name) % tp:
-            raise HypercloneError(f"{name}={getattr(cfg, name)} is not divisible by tp={tp}")
-    groups = cfg.num_kv_heads
-    if groups % tp and tp % groups:
-        raise HypercloneError(f"num_kv_heads={groups} must be a multiple or a divisor of tp={tp}")
-
-
 def _p2p_backend_is_gloo() -> bool:
     import torch.distributed as dist
 
@@ -154,15 +139,14 @@ def _p2p_backend_is_gloo() -> bool:
     return not torch.cuda.is_available()
 
 
-def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, vpp: int | None = None,
-                       dtype: torch.dtype = torch.float32, **overrides: Any):
+def transformer_config(cfg: ModelConfig, layout: Layout = Layout(), dtype: torch.dtype = torch.float32,
+                       **overrides: Any):
     """A megatron TransformerConfig describing cfg's layers at this layout; overrides win (e.g.
     perform_initialization=False for converters that load every weight anyway)."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import TransformerConfig  # heavy: imported when used
 
     check_representable(cfg)
-    vpp = None if vpp == 1 else vpp
-    _check_divisible(cfg, tp, pp, vpp)
+    layout.validate(cfg)
     add_bias_linear, add_qkv_bias = _bias_flags(cfg)
     values: dict[str, Any] = dict(
         num_layers=cfg.num_layers,
@@ -182,11 +166,11 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, vpp: int | No
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=cfg.init_std,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
         # gloo pairs interleaved-schedule sends to the same peer wrongly when they are batched
-        batch_p2p_comm=not (vpp is not None and _p2p_backend_is_gloo()),
+        batch_p2p_comm=not (layout.vpp is not None and _p2p_backend_is_gloo()),
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -208,7 +192,7 @@ def build_gpt_model(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32,
                     perform_initialization: bool = True, padded_vocab: int | None = None,
                     vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY, **overrides: Any) -> list:
     """This rank's GPTModel chunks (one per virtual pipeline stage, a single one without vpp) for the layout
-    set by init_model_parallel. padded_vocab defaults to padded_vocab_size(cfg.vocab_size, tp)."""
+    set by init_model_parallel. padded_vocab defaults to the layout's padding of cfg.vocab_size."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -216,20 +200,20 @@ def build_gpt_model(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32,
     apply_cpu_shims()
     if not parallel_state.model_parallel_is_initialized():
         raise HypercloneError("build_gpt_model needs init_model_parallel(tp, pp, vpp) first")
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    layout = Layout(tp=parallel_state.get_tensor_model_parallel_world_size(),
+                    pp=parallel_state.get_pipeline_model_parallel_world_size(),
+                    vpp=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+                    vocab_divisible_by=vocab_divisible_by)
     if padded_vocab is None:
-        padded_vocab = padded_vocab_size(cfg.vocab_size, tp, vocab_divisible_by)
-    if padded_vocab < cfg.vocab_size or padded_vocab % tp:
+        padded_vocab = layout.padded_vocab(cfg.vocab_size)
+    if padded_vocab < cfg.vocab_size or padded_vocab % layout.tp:
         raise HypercloneError(f"padded_vocab={padded_vocab} must be >= vocab_size={cfg.vocab_size} "
-                              f"and divisible by tp={tp}")
-    config = transformer_config(cfg, tp, pp, vpp, dtype, perform_initialization=perform_initialization,
-                                **overrides)
+                              f"and divisible by tp={layout.tp}")
+    config = transformer_config(cfg, layout, dtype, perform_initialization=perform_initialization, **overrides)
     spec = get_gpt_layer_local_spec(normalization=config.normalization)
     chunks = []
-    for vp_stage in range(vpp or 1):
-        stage = None if vpp is None else vp_stage
+    for vp_stage in range(layout.chunks):
+        stage = None if layout.vpp is None else vp_stage
         chunk = GPTModel(
             config=config,
             transformer_layer_spec=spec,

@@ -2,7 +2,7 @@
 
 Launch with torchrun, which sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT:
 
-    torchrun --standalone --nproc_per_node 4 script.py     # script calls init_model_parallel(tp=2, pp=2)
+    torchrun --standalone --nproc_per_node 4 script.py     # script calls init_model_parallel(Layout(tp=2, pp=2))
 
 Without those variables (a plain ``python script.py``) the job is a single rank.
 """
@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from hyperclone_dist.errors import HypercloneError
+from hyperclone_dist.layout import Layout
 from hyperclone_dist.megatron.cpu_shims import apply_cpu_shims
 
 DEFAULT_SEED = 1234
@@ -39,38 +39,22 @@ def init_distributed(timeout_minutes: int = 30) -> None:
                             timeout=timeout)
 
 
-def check_layout(world_size: int, tp: int, pp: int, vpp: int | None = None) -> None:
-    """Raise HypercloneError unless tp × pp (× vpp) is a layout megatron can build on world_size ranks."""
-    for name, value in (("tp", tp), ("pp", pp)):
-        if not isinstance(value, int) or value < 1:
-            raise HypercloneError(f"{name}={value!r} must be a positive integer")
-    if world_size % (tp * pp):
-        raise HypercloneError(
-            f"world size {world_size} is not divisible by tp*pp = {tp}*{pp} = {tp * pp}")
-    if vpp is not None:
-        if not isinstance(vpp, int) or vpp < 1:
-            raise HypercloneError(f"vpp={vpp!r} must be a positive integer or None")
-        if pp == 1:
-            raise HypercloneError(f"vpp={vpp} needs pipeline parallelism (pp > 1), got pp=1")
-
-
-def init_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = DEFAULT_SEED) -> None:
+def init_model_parallel(layout: Layout = Layout(), seed: int = DEFAULT_SEED) -> None:
     """Create megatron's tensor/pipeline/data-parallel groups (data parallel = world / (tp*pp)) and seed
     its RNGs. Calling it again with another layout tears the previous groups down first.
 
     Seeding follows Megatron-LM: stage p uses seed + 100·p, so pipeline stages do not draw identical
     initial weights, and megatron's model-parallel RNG tracker derives per-TP-rank states from it."""
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state, tensor_parallel  # heavy: imported when a job starts
 
     init_distributed()
-    vpp = None if vpp == 1 else vpp
-    check_layout(dist.get_world_size(), tp, pp, vpp)
+    layout.check_world(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
     )
     stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(stage_seed)

@@ -21,11 +21,17 @@ import torch
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.growth.grow import Grower
-from hyperclone_dist.megatron import legacy
-from hyperclone_dist.megatron.mapping import Layout
+from hyperclone_dist.layout import Layout
+from hyperclone_dist.megatron import internals, legacy
+from hyperclone_dist.megatron.distcp_writer import DirectWrite, manifest_entries
+from hyperclone_dist.megatron.model import build_gpt_model, load_chunk_weights
+from hyperclone_dist.megatron.weights import fill_chunks
+
+# megatron.core is imported inside the functions that use it: it takes seconds, and a conversion's bad
+# inputs are refused before any of them runs.
 
 
-def _safe_common_load():
+def safe_common_load():
     """megatron's common.pt holds Megatron-LM's ``args`` Namespace; allow that class and nothing else
     while megatron loads it with torch.load's default weights_only=True."""
     return torch.serialization.safe_globals([argparse.Namespace])
@@ -42,7 +48,7 @@ def damage_reported(iteration_dir: Path):
         yield
     except HypercloneError:
         raise
-    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - whatever the readers raise on bad bytes
+    except (Exception, CheckpointException) as exc:
         if isinstance(exc, CheckpointException) and exc.failures:
             exc = next(iter(exc.failures.values()))[0]
         text = str(exc).strip()
@@ -51,20 +57,13 @@ def damage_reported(iteration_dir: Path):
                               f"({first})") from None
 
 
-def _model_state_keys(chunks: list) -> list[str]:
+def model_state_keys(chunks: list) -> list[str]:
     return ["model"] if len(chunks) == 1 else [f"model{k}" for k in range(len(chunks))]
-
-
-def fill_from_grower(chunks: list, grower: Grower, layout: Layout, tp_rank: int, pp_rank: int) -> None:
-    """Copy this rank's grown slices into its GPTModel chunks, one local tensor at a time."""
-    from hyperclone_dist.train.init_weights import fill_chunks
-
-    fill_chunks(chunks, grower.large, layout, tp_rank, pp_rank, grower.slice)
 
 
 def model_state(chunks: list, grower: Grower, layout: Layout, dtype: torch.dtype) -> dict:
     """What Megatron-LM saves: the sharded model chunks plus args, iteration and checkpoint version."""
-    state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_state_keys(chunks), chunks)}
+    state = {key: chunk.sharded_state_dict() for key, chunk in zip(model_state_keys(chunks), chunks)}
     state.update(args=legacy.megatron_args(grower.large, layout, dtype), iteration=0,
                  checkpoint_version=legacy.CHECKPOINT_VERSION)
     return state
@@ -78,29 +77,22 @@ def save_grown(grower: Grower, layout: Layout, iteration_dir: Path, dtype: torch
     from megatron.core import dist_checkpointing, parallel_state
     from torch.distributed.checkpoint import FileSystemReader
 
-    from hyperclone_dist.megatron.distcp_writer import (
-        direct_write_strategy,
-        in_process_results_queue,
-        manifest_entries,
-    )
-    from hyperclone_dist.megatron.model import build_gpt_model
-
     chunks = build_gpt_model(grower.large, dtype=dtype, perform_initialization=False,
                              vocab_divisible_by=layout.vocab_divisible_by)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    fill_from_grower(chunks, grower, layout, tp_rank, pp_rank)
+    fill_chunks(chunks, grower.large, layout, tp_rank, pp_rank, grower.slice)
     iteration_dir.mkdir(parents=True, exist_ok=True)
-    strategy = direct_write_strategy(checksums)
-    with in_process_results_queue():  # no multiprocessing Manager: nothing is written by another process
+    writer = DirectWrite(checksums)
+    with internals.in_process_results_queue():  # no multiprocessing Manager: nothing is written elsewhere
         dist_checkpointing.save(model_state(chunks, grower, layout, dtype), str(iteration_dir),
-                                sharded_strategy=strategy)
-    if strategy.failure is not None:  # every rank finished the collective save; the caller agrees on failure
-        raise strategy.failure
+                                sharded_strategy=writer.strategy)
+    if writer.failure is not None:  # every rank finished the collective save; the caller agrees on failure
+        raise writer.failure
     written = sum(p.numel() * p.element_size() for chunk in chunks for p in chunk.parameters())
     if not checksums:
         return written, {}
-    results, digests = strategy.written
+    results, digests = writer.written
     metadata = FileSystemReader(str(iteration_dir)).read_metadata()  # the coordinator's, complete after the save
     return written, manifest_entries(iteration_dir, metadata, [results], digests)
 
@@ -112,7 +104,7 @@ def read_args(iteration_dir: Path) -> argparse.Namespace:
         raise HypercloneError(f"{iteration_dir} is not a torch_dist checkpoint (no metadata.json)")
     if not (iteration_dir / ".metadata").is_file():  # written last by the coordinator: a save cut short
         raise HypercloneError(f"{iteration_dir} is an incomplete torch_dist checkpoint (no .metadata)")
-    with _safe_common_load(), damage_reported(iteration_dir):
+    with safe_common_load(), damage_reported(iteration_dir):
         common = dist_checkpointing.load_common_state_dict(str(iteration_dir))
     args = common.get("args") if isinstance(common, dict) else None
     if not isinstance(getattr(args, "hyperclone_config", None), dict):
@@ -124,17 +116,15 @@ def load_into_gpt_model(iteration_dir: Path, layout: Layout) -> tuple[list, Mode
     """GPTModel chunks at ``layout`` (any TP x PP) holding the checkpoint's weights."""
     from megatron.core import dist_checkpointing
 
-    from hyperclone_dist.megatron.model import build_gpt_model, load_chunk_weights
-
     args = read_args(iteration_dir)
     cfg = ModelConfig.from_dict(args.hyperclone_config)
     padded = int(args.padded_vocab_size)
     if padded % layout.tp:
         raise HypercloneError(f"the checkpoint's padded vocab ({padded}) is not divisible by tp={layout.tp}")
     chunks = build_gpt_model(cfg, perform_initialization=False, padded_vocab=padded)
-    state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_state_keys(chunks), chunks)}
-    with _safe_common_load(), damage_reported(iteration_dir):
+    state = {key: chunk.sharded_state_dict() for key, chunk in zip(model_state_keys(chunks), chunks)}
+    with safe_common_load(), damage_reported(iteration_dir):
         loaded = dist_checkpointing.load(state, str(iteration_dir))
-    for key, chunk in zip(_model_state_keys(chunks), chunks):
+    for key, chunk in zip(model_state_keys(chunks), chunks):
         load_chunk_weights(chunk, loaded[key], iteration_dir)
     return chunks, cfg

@@ -14,7 +14,6 @@ megatron forks for each save: at most two ranks' shards are in memory at once, a
 
 from __future__ import annotations
 
-import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,36 +22,31 @@ import torch.distributed as dist
 
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.growth.grow import Grower
-from hyperclone_dist.megatron.distcp_writer import (
-    in_process_results_queue,
-    manifest_entries,
-    write_files,
-    writer_transforms,
-)
-from hyperclone_dist.megatron.mapping import Layout
+from hyperclone_dist.layout import Layout
+from hyperclone_dist.megatron import internals
+from hyperclone_dist.megatron.cpu_shims import apply_cpu_shims
+from hyperclone_dist.megatron.distcp_writer import manifest_entries, write_files
+from hyperclone_dist.megatron.model import build_gpt_model
+from hyperclone_dist.megatron.torch_dist import model_state
+from hyperclone_dist.megatron.weights import fill_chunks
 
 
-def _recording_strategy():
-    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+class _Recording:
+    """megatron's torch_dist writer minus the global step and the writing: a save plans the rank's files
+    (and copies the tensors megatron copies) and leaves them in ``pending``."""
 
-    class RecordingStrategy(TorchDistSaveShardedStrategy):
-        """megatron's torch_dist writer minus the global step and the writing: a save plans the rank's
-        files (and copies the tensors megatron copies) and leaves them in ``pending``."""
+    def __init__(self):
+        self.pending: tuple | None = None
+        self.strategy = internals.save_strategy(self._request)
 
-        def __init__(self):
-            super().__init__("torch_dist", 1, thread_count=1)
-            self.pending: tuple | None = None
+    def _request(self, strategy, writer, save_state_dict_ret):
+        self.pending = (internals.local_plan(strategy), internals.write_buckets(writer),
+                        internals.writer_transforms(writer))
+        return None, []
 
-        def _get_save_and_finalize_callbacks(self, writer, save_state_dict_ret):
-            self.pending = (self.cached_local_plan, writer.write_buckets or [], writer_transforms(writer))
-            return AsyncRequest(None, (), [])
-
-        def take_pending(self) -> tuple:
-            pending, self.pending = self.pending, None
-            return pending
-
-    return RecordingStrategy()
+    def take_pending(self) -> tuple:
+        pending, self.pending = self.pending, None
+        return pending
 
 
 class _ParameterMemory:
@@ -83,32 +77,15 @@ def _parameters(chunks: list) -> list[torch.Tensor]:
     return [param for chunk in chunks for param in chunk.parameters()]
 
 
-@contextlib.contextmanager
-def _coordinator_sees_only_itself():
-    """The coordinator's gather of local plans becomes [its own plan] (the real global step runs at
-    the end, from all recorded plans)."""
-    from torch.distributed.checkpoint.utils import _DistWrapper
-
-    original = _DistWrapper.gather_object
-    _DistWrapper.gather_object = lambda self, obj: [obj] if self.is_coordinator else None
-    try:
-        yield
-    finally:
-        _DistWrapper.gather_object = original
-
-
 def _become_rank(rank: int, layout: Layout) -> None:
-    from megatron.core import parallel_state
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from hyperclone_dist.megatron.cpu_shims import apply_cpu_shims
+    from megatron.core import parallel_state  # heavy: imported when the conversion starts
 
     apply_cpu_shims()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=layout.world)
+    dist.init_process_group("fake", store=internals.fake_store(), rank=rank, world_size=layout.world)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp,
                                              pipeline_model_parallel_size=layout.pp,
                                              virtual_pipeline_model_parallel_size=layout.vpp,
@@ -123,13 +100,10 @@ def save_grown_serially(grower: Grower, layout: Layout, iteration_dir: Path, dty
     ``checksums``). Must not run inside another process group (it creates and destroys its own)."""
     from megatron.core import dist_checkpointing, parallel_state
 
-    from hyperclone_dist.megatron.model import build_gpt_model
-    from hyperclone_dist.megatron.torch_dist import fill_from_grower, model_state
-
     if dist.is_initialized():
         raise HypercloneError("serial torch_dist conversion runs in a process without a process group")
     iteration_dir.mkdir(parents=True, exist_ok=True)
-    strategy = _recording_strategy()
+    recording = _Recording()
     plans, results, digests = [], [], {}  # each rank's local plan and write results, in rank order
     memory = _ParameterMemory()
     written = 0
@@ -146,19 +120,19 @@ def save_grown_serially(grower: Grower, layout: Layout, iteration_dir: Path, dty
             progress.update(1)
 
     try:
-        with (ThreadPoolExecutor(1, thread_name_prefix="distcp-writer") as writer, in_process_results_queue(),
-              _coordinator_sees_only_itself()):
+        with (ThreadPoolExecutor(1, thread_name_prefix="distcp-writer") as writer,
+              internals.in_process_results_queue(), internals.coordinator_sees_only_itself()):
             try:
                 for rank in range(layout.world):
                     _become_rank(rank, layout)
                     chunks = build_gpt_model(grower.large, dtype=dtype, perform_initialization=False,
                                              vocab_divisible_by=layout.vocab_divisible_by)
                     memory.lend(chunks)
-                    fill_from_grower(chunks, grower, layout, parallel_state.get_tensor_model_parallel_rank(),
-                                     parallel_state.get_pipeline_model_parallel_rank())
+                    fill_chunks(chunks, grower.large, layout, parallel_state.get_tensor_model_parallel_rank(),
+                                parallel_state.get_pipeline_model_parallel_rank(), grower.slice)
                     dist_checkpointing.save(model_state(chunks, grower, layout, dtype), str(iteration_dir),
-                                            sharded_strategy=strategy, validate_access_integrity=False)
-                    plan, buckets, transforms = strategy.take_pending()
+                                            sharded_strategy=recording.strategy, validate_access_integrity=False)
+                    plan, buckets, transforms = recording.take_pending()
                     written += sum(p.numel() * p.element_size() for p in _parameters(chunks))
                     if writing is not None:
                         collect()  # rank r-1 is on disk before rank r's files start: two ranks in memory at most
@@ -168,22 +142,10 @@ def save_grown_serially(grower: Grower, layout: Layout, iteration_dir: Path, dty
             finally:
                 if writing is not None:
                     writing[1].cancel()
-        metadata = _write_global_metadata(iteration_dir, plans, results)
+        metadata = internals.write_global_metadata(iteration_dir, plans, results)
     finally:
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
     return written, manifest_entries(iteration_dir, metadata, results, digests) if checksums else {}
-
-
-def _write_global_metadata(iteration_dir: Path, plans: list, results: list):
-    """What the coordinator of a real job writes last: ``.metadata``, from every rank's plan and results."""
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
-
-    planner = MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False)
-    _, metadata = planner.create_global_plan(plans)
-    metadata.all_local_plans = plans
-    FileSystemWriterAsync(str(iteration_dir)).finish(metadata, results)
-    return metadata

@@ -8,24 +8,27 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.hf_model import load_hf_model
-from hyperclone_dist.megatron.load import LegacyCheckpoint
-from hyperclone_dist.megatron.mapping import Layout
+from hyperclone_dist.layout import Layout
+from hyperclone_dist.megatron import legacy, torch_dist
+from hyperclone_dist.megatron.load import LegacyCheckpoint, read_iteration
+from hyperclone_dist.megatron.model import build_gpt_model, forward_logits, load_chunk_weights
+from hyperclone_dist.megatron.parallel import init_distributed, init_model_parallel
 from hyperclone_dist.verify import LogitDiff, fixed_batch, logit_diff
 
 
 def load_into_gpt_model(ckpt: LegacyCheckpoint, layout: Layout) -> list:
     """This rank's GPTModel chunks holding the checkpoint's weights (layout must match a legacy save)."""
-    from megatron.core import parallel_state
-
-    from hyperclone_dist.megatron.model import build_gpt_model, load_chunk_weights
+    from megatron.core import parallel_state  # heavy: imported once a job runs
 
     saved = ckpt.layout
     if (saved.tp, saved.pp, saved.chunks) != (layout.tp, layout.pp, layout.chunks):
-        raise HypercloneError(f"{ckpt.root} is a legacy checkpoint saved at tp={saved.tp} pp={saved.pp} "
-                              f"vpp={saved.vpp}; legacy checkpoints load only at that layout")
+        raise HypercloneError(f"{ckpt.root} is a legacy checkpoint saved at {saved.describe()}; legacy "
+                              "checkpoints load only at that layout")
     chunks = build_gpt_model(ckpt.config, perform_initialization=False, padded_vocab=ckpt.padded_vocab)
     states = ckpt.rank_state_dicts(parallel_state.get_tensor_model_parallel_rank(),
                                    parallel_state.get_pipeline_model_parallel_rank())
@@ -38,23 +41,15 @@ def load_into_gpt_model(ckpt: LegacyCheckpoint, layout: Layout) -> list:
 def verify_megatron(small: str | Path, ckpt_dir: str | Path, layout: Layout, seq_len: int | None = None,
                     batch: int = 2, seed: int = 1234) -> LogitDiff:
     """Every rank returns the same LogitDiff (reduced from the last pipeline stage)."""
-    import torch.distributed as dist
-
-    from hyperclone_dist.megatron.model import forward_logits
-    from hyperclone_dist.megatron.parallel import init_model_parallel
-
-    from hyperclone_dist.megatron import torch_dist
-    from hyperclone_dist.megatron.legacy import iteration_dir
-    from hyperclone_dist.megatron.load import read_iteration
-
-    init_model_parallel(layout.tp, layout.pp, layout.vpp)
-    it_dir = iteration_dir(Path(ckpt_dir), read_iteration(Path(ckpt_dir)))
-    if (it_dir / "metadata.json").is_file():
-        chunks, cfg = torch_dist.load_into_gpt_model(it_dir, layout)
-    else:
-        ckpt = LegacyCheckpoint(ckpt_dir)
-        cfg = ckpt.config
-        chunks = load_into_gpt_model(ckpt, layout)
+    root = Path(ckpt_dir)
+    it_dir = legacy.iteration_dir(root, read_iteration(root))
+    is_torch_dist = (it_dir / "metadata.json").is_file()
+    ckpt = None if is_torch_dist else LegacyCheckpoint(root)
+    cfg = ModelConfig.from_dict(torch_dist.read_args(it_dir).hyperclone_config) if is_torch_dist else ckpt.config
+    init_distributed()
+    layout.validate(cfg, dist.get_world_size())
+    init_model_parallel(layout)
+    chunks = torch_dist.load_into_gpt_model(it_dir, layout)[0] if is_torch_dist else load_into_gpt_model(ckpt, layout)
     seq_len = seq_len or cfg.max_position_embeddings
     if not 1 <= seq_len <= cfg.max_position_embeddings:
         raise HypercloneError(f"--seq-len {seq_len} is outside 1..{cfg.max_position_embeddings}")

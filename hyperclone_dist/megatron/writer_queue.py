@@ -7,7 +7,8 @@ rank of a job) runs no exit handler, and the server lives on as an orphan holdin
 good. ``own_results_queue()`` starts that Manager before megatron does, with the kernel asked to kill it
 when its parent dies (Linux PR_SET_PDEATHSIG), and hands megatron its queue.
 
-This module imports nothing heavy: the spawned server process imports it to run ``_die_with_parent``.
+This module imports nothing heavy at its top: the spawned server process imports it to run
+``_die_with_parent``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import os
 import signal
 import sys
 from multiprocessing.managers import SyncManager
+
+from hyperclone_dist.megatron import internals
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _manager: SyncManager | None = None  # referenced for the life of the process: collecting it shuts it down
@@ -33,10 +36,8 @@ def _die_with_parent(parent: int) -> None:
 def own_results_queue() -> None:
     """Call before the first ``dist_checkpointing.save`` of a process (later calls do nothing)."""
     global _manager
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if filesystem_async._results_queue is not None or not sys.platform.startswith("linux"):
+    if internals.results_queue_is_set() or not sys.platform.startswith("linux"):
         return
     _manager = SyncManager(ctx=multiprocessing.get_context("spawn"))  # what megatron uses
     _manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
-    filesystem_async._results_queue = _manager.Queue()
+    internals.set_results_queue(_manager.Queue())

@@ -15,38 +15,36 @@ checkpoint loader is swapped for one that uses ``torch.load(weights_only=True)``
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from hyperclone_dist.checkpoint.atomic import publish
+from hyperclone_dist.checkpoint.atomic import publish, write_bytes_atomic
 from hyperclone_dist.checkpoint.manifest import write_manifests_together
+from hyperclone_dist.checkpoint.torch_load import torch_load
+from hyperclone_dist.checkpoint.training_state import DS_TAG_FILE, STATE_FILE
 from hyperclone_dist.errors import HypercloneError
+from hyperclone_dist.megatron import legacy
+from hyperclone_dist.megatron.load import read_iteration
+from hyperclone_dist.megatron.model import load_chunk_weights
+from hyperclone_dist.megatron.torch_dist import model_state_keys, safe_common_load
+from hyperclone_dist.megatron.writer_queue import own_results_queue
+from hyperclone_dist.train.moments import optimizer_step_count, sharded_moments
 
-DS_TAG_FILE = "latest"
-STATE_FILE = "trainer_state.json"
+# DeepSpeed and megatron.core are imported inside the functions that use them: a bad command line is
+# refused before a job pays for them.
 
 
 def _tag(step: int) -> str:
     return f"global_step{step}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def use_safe_loader(engine) -> None:
     """Make the engine read its checkpoints with ``weights_only=True``: a checkpoint that holds code is
     refused with the file's name instead of running it."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    from hyperclone_dist.checkpoint.reader import torch_load
 
     class SafeTorchCheckpointEngine(TorchCheckpointEngine):
         def load(self, path, map_location=None):
@@ -72,10 +70,6 @@ def save_checkpoint(engine, chunks: list, save_dir: str | Path, step: int, train
     directories get a manifest (checkpoint/manifest.py) that ``hyperclone inspect --check`` verifies."""
     from megatron.core import dist_checkpointing
 
-    from hyperclone_dist.megatron import legacy
-    from hyperclone_dist.megatron.torch_dist import _model_state_keys
-    from hyperclone_dist.megatron.writer_queue import own_results_queue
-
     root = Path(save_dir)
     rank = dist.get_rank()
     tag, it_name = _tag(step), legacy.iteration_dir(Path(), step).name
@@ -94,11 +88,9 @@ def save_checkpoint(engine, chunks: list, save_dir: str | Path, step: int, train
         raise HypercloneError(error[0])
     engine.save_checkpoint(str(root), tag=ds_tmp.name, client_state={"hyperclone": trainer_state, "rng": rng or {}},
                            save_latest=False)
-    state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_state_keys(chunks), chunks)}
+    state = {key: chunk.sharded_state_dict() for key, chunk in zip(model_state_keys(chunks), chunks)}
     state.update(args=megatron_args, iteration=step, checkpoint_version=legacy.CHECKPOINT_VERSION)
     if moments:  # Adam's moments beside the model: a later, larger run can grow them (train/moments.py)
-        from hyperclone_dist.train.moments import optimizer_step_count, sharded_moments
-
         state["optimizer_moments"] = sharded_moments(engine, chunks)
         megatron_args.hyperclone_optimizer_step = optimizer_step_count(engine)
     own_results_queue()  # megatron's writer Manager, killed with this rank (a SIGKILL would orphan it)
@@ -109,30 +101,12 @@ def save_checkpoint(engine, chunks: list, save_dir: str | Path, step: int, train
     if checksums:
         write_manifests_together([ds_tmp, it_tmp])
     if rank == 0:
-        publish(ds_tmp, root / tag, manifest=False)
-        publish(it_tmp, root / it_name, manifest=False)
-        _write_atomic(root / DS_TAG_FILE, tag)
-        _write_atomic(root / legacy.TRACKER, f"{step}\n")  # the completion marker, last
+        publish(ds_tmp, root / tag)
+        publish(it_tmp, root / it_name)
+        write_bytes_atomic(root / DS_TAG_FILE, tag.encode())
+        write_bytes_atomic(root / legacy.TRACKER, f"{step}\n".encode())  # the completion marker, last
     dist.barrier()
     return root / tag
-
-
-def latest_training_state(load_dir: str | Path) -> dict | None:
-    """The trainer state of the latest complete training checkpoint; None for a checkpoint that holds
-    a model only (e.g. written by ``hyperclone convert --format torch_dist``)."""
-    root = Path(load_dir)
-    tag_file = root / DS_TAG_FILE
-    if not tag_file.is_file():
-        return None
-    tag = tag_file.read_text().strip()
-    state_file = root / tag / STATE_FILE
-    if not state_file.is_file():
-        raise HypercloneError(f"--load {root}: {tag} has no {STATE_FILE}; the checkpoint is incomplete")
-    from hyperclone_dist.jsonfile import read_json_object
-
-    state = read_json_object(state_file, f"--load {root}: trainer state")
-    state["tag"] = tag
-    return state
 
 
 def check_resumable(state: dict, layout: dict, config: dict, load_dir: str | Path) -> None:
@@ -163,17 +137,12 @@ def load_model_only(chunks: list, load_dir: str | Path) -> int:
     returns its iteration."""
     from megatron.core import dist_checkpointing
 
-    from hyperclone_dist.megatron.legacy import iteration_dir
-    from hyperclone_dist.megatron.load import read_iteration
-    from hyperclone_dist.megatron.model import load_chunk_weights
-    from hyperclone_dist.megatron.torch_dist import _model_state_keys, _safe_common_load
-
     root = Path(load_dir)
     iteration = read_iteration(root)
-    it_dir = iteration_dir(root, iteration)
-    state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_state_keys(chunks), chunks)}
-    with _safe_common_load():
+    it_dir = legacy.iteration_dir(root, iteration)
+    state = {key: chunk.sharded_state_dict() for key, chunk in zip(model_state_keys(chunks), chunks)}
+    with safe_common_load():
         loaded = dist_checkpointing.load(state, str(it_dir))
-    for key, chunk in zip(_model_state_keys(chunks), chunks):
+    for key, chunk in zip(model_state_keys(chunks), chunks):
         load_chunk_weights(chunk, loaded[key], it_dir)
     return iteration

@@ -8,13 +8,18 @@ its contiguous 1/dp of them, cut into micro-batches. Validation always reads the
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hyperclone_dist.errors import HypercloneError
+import torch.distributed as dist
 
+from hyperclone_dist.data.loader import batch_at, data_parallel_slice
+from hyperclone_dist.data.prepare import prepare_dataset
+from hyperclone_dist.data.tokenizer import MIN_VOCAB_SIZE, train_tokenizer
+from hyperclone_dist.errors import HypercloneError
+from hyperclone_dist.layout import Layout
+from hyperclone_dist.train.run_config import BatchOptions
 
 
 def default_cache() -> Path:
@@ -38,46 +43,47 @@ class BatchPlan:
         return self.global_batch_size * self.seq_length
 
 
-def batch_plan(args: argparse.Namespace, dp: int, seq_length: int, pp: int, vpp: int | None) -> BatchPlan:
-    gbs = args.global_batch_size
+def batch_plan(batch: BatchOptions, dp: int, seq_length: int, layout: Layout) -> BatchPlan:
+    gbs = batch.global_batch_size
     if gbs is None:
-        if args.global_batch_tokens % seq_length:
-            raise HypercloneError(f"--global-batch-tokens {args.global_batch_tokens} is not a multiple of the "
+        if batch.global_batch_tokens % seq_length:
+            raise HypercloneError(f"--global-batch-tokens {batch.global_batch_tokens} is not a multiple of the "
                                   f"sequence length {seq_length}")
-        gbs = args.global_batch_tokens // seq_length
-    per_step = args.micro_batch_size * dp
+        gbs = batch.global_batch_tokens // seq_length
+    per_step = batch.micro_batch_size * dp
     if gbs < 1 or gbs % per_step:
         raise HypercloneError(f"global batch {gbs} sequences is not divisible by micro batch "
-                              f"{args.micro_batch_size} x data-parallel size {dp} = {per_step}")
-    plan = BatchPlan(gbs, args.micro_batch_size, dp, seq_length)
-    if vpp and plan.num_micro_batches % pp:
+                              f"{batch.micro_batch_size} x data-parallel size {dp} = {per_step}")
+    plan = BatchPlan(gbs, batch.micro_batch_size, dp, seq_length)
+    if layout.vpp and plan.num_micro_batches % layout.pp:
         raise HypercloneError(f"the interleaved schedule needs the micro-batches per rank "
-                              f"({plan.num_micro_batches}) to be a multiple of pp={pp}")
+                              f"({plan.num_micro_batches}) to be a multiple of pp={layout.pp}")
     return plan
 
 
-def default_data(cache_root: Path, vocab_size: int) -> tuple[list[str], str]:
-    """The embedded corpus (Python's standard library sources), tokenized once with a tokenizer of the
-    model's vocabulary size and cached; rank 0 builds it, everyone else waits at the barrier."""
-    import torch.distributed as dist
-
-    from hyperclone_dist.data.prepare import prepare_dataset
-    from hyperclone_dist.data.tokenizer import MIN_VOCAB_SIZE, train_tokenizer
-
+def default_corpus(cache_root: Path, vocab_size: int, build: bool = True) -> tuple[Path, Path]:
+    """(prefix, tokenizer) of the embedded corpus (Python's standard library sources) tokenized with a
+    tokenizer of ``vocab_size`` pieces, built under ``cache_root`` the first time (``build``)."""
     if vocab_size < MIN_VOCAB_SIZE:
         raise HypercloneError(f"the embedded corpus needs a vocabulary of at least {MIN_VOCAB_SIZE} (the "
                               f"model has {vocab_size}); bring data with --data-path/--tokenizer-model")
     root = cache_root / f"default-corpus-v{vocab_size}"
     prefix, model = root / "stdlib", root / "stdlib.model"
+    if build and not Path(f"{prefix}.idx").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        if not model.is_file():
+            train_tokenizer(None, prefix, vocab_size)
+        prepare_dataset(None, model, prefix, progress=False)
+    return prefix, model
+
+
+def default_data(cache_root: Path, vocab_size: int) -> tuple[list[str], str]:
+    """The embedded corpus for a job: rank 0 builds it if needed, everyone else waits for it."""
     error = [None]
-    if dist.get_rank() == 0 and not Path(f"{prefix}.idx").is_file():
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            if not model.is_file():
-                train_tokenizer(None, prefix, vocab_size)
-            prepare_dataset(None, model, prefix, progress=False)
-        except (HypercloneError, OSError) as exc:
-            error = [str(exc)]
+    try:
+        prefix, model = default_corpus(cache_root, vocab_size, build=dist.get_rank() == 0)
+    except (HypercloneError, OSError) as exc:
+        error = [str(exc)]
     dist.broadcast_object_list(error, src=0)
     if error[0]:
         raise HypercloneError(error[0])
@@ -91,8 +97,6 @@ class DataFeed:
         self.offset_steps = offset_steps  # global batches of the train split skipped before step 0
 
     def _micro_batches(self, dataset, step: int) -> list[dict]:
-        from hyperclone_dist.data.loader import batch_at, data_parallel_slice
-
         first, count = data_parallel_slice(step, self.plan.global_batch_size, self.dp_rank,
                                            self.plan.data_parallel_size)
         batch = batch_at(dataset, first, count)

@@ -16,10 +16,17 @@ Memory per GPU is then estimated from them:
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
+from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.errors import HypercloneError
+from hyperclone_dist.megatron.mapping import chunk_params, local_shape
+from hyperclone_dist.sources import model_config_at
+from hyperclone_dist.train.engine import read_deepspeed_config, zero_stage
+from hyperclone_dist.train.run_config import RunConfig
+from hyperclone_dist.train.run_plan import RunPlan, plan_run
+from hyperclone_dist.train.startup import grown_shape
 
 GIB = 1024**3
 
@@ -34,95 +41,78 @@ class RankEstimate:
     total: float
 
 
-def _grown_config(args: argparse.Namespace):
-    from hyperclone_dist.growth.grow import Grower
-    from hyperclone_dist.train.startup import _config_from_path, _growth_spec
-
-    from pathlib import Path
-
-    source = args.model_config
-    if args.clone_from and Path(args.clone_from).exists():
-        source = args.clone_from
+def model_shape(config: RunConfig) -> ModelConfig:
+    """The large model of the run, from its shape alone: --model-config (the small model's JSON when cloning)
+    or an existing --clone-from."""
+    start = config.start
+    source = start.model_config
+    if start.clone_from and Path(start.clone_from).exists():
+        source = start.clone_from
     if not source:
         raise HypercloneError("--dry-run needs the model's shape: --model-config (the small model's JSON when "
                               "cloning) or an existing --clone-from")
-    cfg = _config_from_path(Path(source))
-    if args.init == "clone" or (args.clone_from and args.model_config is None):
-        cfg = Grower(cfg, _growth_spec(args), lambda name: None).large
+    cfg = model_config_at(source)
+    if start.init == "clone" or (start.clone_from and start.model_config is None):
+        cfg = grown_shape(cfg, start.growth)
     return cfg
 
 
-def estimate(args: argparse.Namespace, world_size: int, zero_stage: int) -> tuple[object, list[RankEstimate], object]:
-    from hyperclone_dist.megatron.mapping import Layout, chunk_params, local_shape
-    from hyperclone_dist.megatron.model import check_representable, transformer_config
-    from hyperclone_dist.megatron.parallel import check_layout
-    from hyperclone_dist.train.data_feed import batch_plan
-
-    cfg = _grown_config(args)
-    check_representable(cfg)
-    check_layout(world_size, args.tp, args.pp, args.vpp)
-    transformer_config(cfg, args.tp, args.pp, args.vpp)
-    seq = args.seq_length or cfg.max_position_embeddings
-    if seq > cfg.max_position_embeddings:
-        raise HypercloneError(f"--seq-length {seq} exceeds the model's context {cfg.max_position_embeddings}")
-    dp = world_size // (args.tp * args.pp)
-    plan = batch_plan(args, dp, seq, args.pp, args.vpp)
-    layout = Layout(tp=args.tp, pp=args.pp, vpp=args.vpp)
-    weight_bytes = 2 if args.bf16 else 4
-    per_param = (weight_bytes + (weight_bytes / dp if zero_stage >= 2 else weight_bytes)
-                 + (16 if args.bf16 else 12) / dp)
-    t, s, b, h = args.tp, seq, args.micro_batch_size, cfg.hidden_size
+def estimate(config: RunConfig, cfg: ModelConfig, plan: RunPlan, zero: int) -> list[RankEstimate]:
+    layout, bf16 = config.parallel, config.engine.bf16
+    dp = plan.dp
+    weight_bytes = 2 if bf16 else 4
+    per_param = (weight_bytes + (weight_bytes / dp if zero >= 2 else weight_bytes) + (16 if bf16 else 12) / dp)
+    t, s, b, h = layout.tp, plan.seq_length, config.batch.micro_batch_size, cfg.hidden_size
     per_layer = s * b * h * (10 + 24 / t) * (0.5 + 0.5 * cfg.ffn_hidden_size / (4 * h))
-    in_flight = min(args.pp, plan.num_micro_batches)
+    in_flight = min(layout.pp, plan.batches.num_micro_batches)
     out = []
-    for pp_rank in range(args.pp):
-        for tp_rank in range(args.tp):
+    for pp_rank in range(layout.pp):
+        for tp_rank in range(layout.tp):
             numel, layers = 0, 0
             for chunk in range(layout.chunks):
-                for name, row, layer in chunk_params(cfg, layout, pp_rank, chunk):
-                    shape = local_shape(cfg, layout, row, layer)
+                for _, row, layer in chunk_params(cfg, layout, pp_rank, chunk):
                     count = 1
-                    for n in shape:
+                    for n in local_shape(cfg, layout, row, layer):
                         count *= n
                     numel += count
-                layers += cfg.num_layers // (args.pp * layout.chunks)
+                layers += cfg.num_layers // (layout.pp * layout.chunks)
             model_state = numel * per_param
             activations = per_layer * layers * max(1, in_flight - pp_rank)
-            if pp_rank == args.pp - 1:
+            if pp_rank == layout.pp - 1:
                 activations += 2 * 4 * s * b * cfg.vocab_size / t
             total = (model_state + activations) * 1.1 + 2 * GIB
             out.append(RankEstimate(tp_rank, pp_rank, numel, model_state, activations, total))
-    return cfg, out, plan
+    return out
 
 
-def dry_run(args: argparse.Namespace) -> int:
+def dry_run(config: RunConfig) -> int:
     """Print the per-rank table; exit status 0 when every rank fits ``--gpu-memory-gib``, 2 otherwise."""
-    from hyperclone_dist.train.engine import read_deepspeed_config, zero_stage
-
-    world = args.world_size
+    world, layout, gpu_gib = config.dry.world_size, config.parallel, config.dry.gpu_memory_gib
     if not world or world < 1:
         raise HypercloneError("--dry-run needs --world-size (GPUs in the job)")
-    stage = max(1, zero_stage(read_deepspeed_config(args.deepspeed_config)))
-    cfg, ranks, plan = estimate(args, world, stage)
+    stage = max(1, zero_stage(read_deepspeed_config(config.engine.deepspeed_config)))
+    cfg = model_shape(config)
+    run = plan_run(config, cfg, world)
+    ranks, plan = estimate(config, cfg, run, stage), run.batches
     total_params = sum(r.params for r in ranks if r.tp_rank >= 0)
     print(f"dry run: {cfg.family} hidden {cfg.hidden_size}, {cfg.num_layers} layers, heads {cfg.num_heads}/"
           f"{cfg.num_kv_heads}, ffn {cfg.ffn_hidden_size}, vocab {cfg.vocab_size}: {total_params / 1e9:.2f}B "
           f"parameters (embeddings and a tied head's copy included)")
-    print(f"layout: {world} GPUs = tp {args.tp} x pp {args.pp}{f' x vpp {args.vpp}' if args.vpp else ''} x dp "
-          f"{world // (args.tp * args.pp)}; ZeRO-{stage}; {'bf16' if args.bf16 else 'float32'}; global batch "
+    print(f"layout: {world} GPUs = tp {layout.tp} x pp {layout.pp}{f' x vpp {layout.vpp}' if layout.vpp else ''} x dp "
+          f"{run.dp}; ZeRO-{stage}; {'bf16' if config.engine.bf16 else 'float32'}; global batch "
           f"{plan.global_batch_size} x {plan.seq_length} tokens, micro {plan.micro_batch_size}, "
           f"{plan.num_micro_batches} micro-batches per rank")
     print(f"{'tp':>3} {'pp':>3} {'params':>10} {'model state':>12} {'activations':>12} {'total est.':>11}   "
-          f"(GiB; GPU {args.gpu_memory_gib:g})")
+          f"(GiB; GPU {gpu_gib:g})")
     worst = max(ranks, key=lambda r: r.total)
     for r in ranks:
         if r.tp_rank == 0 or r is worst:
             print(f"{r.tp_rank:>3} {r.pp_rank:>3} {r.params / 1e6:>9.0f}M {r.model_state / GIB:>12.1f} "
                   f"{r.activations / GIB:>12.1f} {r.total / GIB:>11.1f}")
-    fits = worst.total <= args.gpu_memory_gib * GIB
+    fits = worst.total <= gpu_gib * GIB
     print(f"largest rank (tp {worst.tp_rank}, pp {worst.pp_rank}): {worst.total / GIB:.1f} GiB of "
-          f"{args.gpu_memory_gib:g}: {'fits' if fits else 'DOES NOT FIT'}")
+          f"{gpu_gib:g}: {'fits' if fits else 'DOES NOT FIT'}")
     if not fits:
         raise HypercloneError(f"rank tp={worst.tp_rank} pp={worst.pp_rank} needs about {worst.total / GIB:.0f} GiB, "
-                              f"more than the {args.gpu_memory_gib:g} GiB GPU: raise tp/pp/dp or lower the micro batch")
+                              f"more than the {gpu_gib:g} GiB GPU: raise tp/pp/dp or lower the micro batch")
     return 0

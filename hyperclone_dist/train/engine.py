@@ -11,8 +11,15 @@ import copy
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from hyperclone_dist.errors import HypercloneError
+from hyperclone_dist.jsonfile import read_json_object
+from hyperclone_dist.train.mpu import MegatronMPU
+from hyperclone_dist.train.schedules import lr_scheduler
+from hyperclone_dist.train.step import ChunkStack
+
+# deepspeed is imported where the engine is built: it takes seconds, and bad input is refused before.
 
 # What pretrain.py decides and writes into the DeepSpeed config: the JSON may leave each of these out or
 # say "auto" (the Hugging Face convention), and a different explicit value is an error, not a silent win.
@@ -23,8 +30,6 @@ _OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "trai
 def read_deepspeed_config(path: str | Path | None) -> dict:
     if path is None:
         return {"zero_optimization": {"stage": 0}}
-    from hyperclone_dist.jsonfile import read_json_object
-
     return read_json_object(path, "DeepSpeed config")
 
 
@@ -98,8 +103,6 @@ def _same_groups_everywhere(groups: dict[tuple[bool, float], list], stack) -> li
     """DeepSpeed runs one gradient-norm collective per parameter group, so every rank must have the same
     groups in the same order, even a pipeline stage that holds no parameter of some kind (no embedding, no
     μP-scaled output layer): such a stage gets a one-element placeholder parameter (zero gradient) there."""
-    import torch.distributed as dist
-
     keys = [None] * dist.get_world_size()
     dist.all_gather_object(keys, sorted(groups))
     for key in sorted({k for rank_keys in keys for k in rank_keys}):
@@ -114,10 +117,6 @@ def initialize_engine(chunks: list, ds_config: dict, groups: dict[tuple[bool, fl
     """deepspeed.initialize over the chunks with a torch AdamW (no JIT-built kernels on CPU) and a
     LambdaLR; returns the engine."""
     import deepspeed
-
-    from hyperclone_dist.train.mpu import MegatronMPU
-    from hyperclone_dist.train.schedules import lr_scheduler
-    from hyperclone_dist.train.step import ChunkStack
 
     stack = ChunkStack(chunks, vocab_size, seq_length, logit_scale)
     param_groups = [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * mult,

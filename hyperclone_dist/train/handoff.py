@@ -14,60 +14,47 @@ half of its steps to come back. The choices, selected with ``--handoff`` and rec
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
+from hyperclone_dist.checkpoint.torch_load import torch_load
 from hyperclone_dist.errors import HypercloneError
+from hyperclone_dist.train.run_config import OptimOptions
 from hyperclone_dist.train.schedules import LRSchedule
-
-HANDOFFS = ("paper", "no-rewarmup", "low-peak", "points")
 
 
 def small_model_final_lr(clone_from: str | None) -> float | None:
     """The last LR recorded in a small.pt's meta (absent for other sources)."""
     if not clone_from or Path(clone_from).is_dir() or not Path(clone_from).is_file():
         return None
-    from hyperclone_dist.checkpoint.reader import torch_load
-
     payload = torch_load(Path(clone_from))
     meta = payload.get("meta") if isinstance(payload, dict) else None
     value = (meta or {}).get("final_lr")
     return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
-def build_schedule(args: argparse.Namespace) -> tuple[LRSchedule, str]:
+def build_schedule(optim: OptimOptions, clone_from: str | None) -> tuple[LRSchedule, str]:
     """The run's LR schedule and a one-line description of the hand-off for the log."""
-    decay = args.lr_decay_iters or args.train_iters
-    common = dict(style=args.lr_decay_style, decay_steps=decay, min_lr=args.min_lr,
-                  wsd_decay_fraction=args.lr_wsd_decay_fraction, wsd_decay_shape=args.lr_wsd_decay_style)
-    handoff = args.handoff
-    if args.lr_schedule_points:
-        handoff = "points"
-    if handoff == "points":
-        points = args.lr_schedule_points  # a list when it comes from a --config file
-        if not isinstance(points, list):
-            try:
-                points = json.loads(points or "")
-            except json.JSONDecodeError as exc:
-                raise HypercloneError(f"--lr-schedule-points is not JSON: {exc}") from None
-        if not isinstance(points, list) or not all(isinstance(p, list) and len(p) == 2 for p in points):
-            raise HypercloneError("--lr-schedule-points must be a JSON list of [step, lr] pairs")
-        peak = max(float(v) for _, v in points) if points else 0.0
-        schedule = LRSchedule(peak_lr=peak or 1.0, style="points", points=tuple(map(tuple, points)))
-        return schedule, f"hand-off: points {points[:4]}{'...' if len(points) > 4 else ''}"
-    if handoff == "paper":
-        schedule = LRSchedule(peak_lr=args.lr, warmup_steps=args.lr_warmup_iters, start_lr=args.lr_warmup_init,
+    decay = optim.lr_decay_iters or optim.train_iters
+    common = dict(style=optim.lr_decay_style, decay_steps=decay, min_lr=optim.min_lr,
+                  wsd_decay_fraction=optim.lr_wsd_decay_fraction, wsd_decay_shape=optim.lr_wsd_decay_style)
+    if optim.handoff == "points":
+        points = optim.lr_schedule_points or ()
+        peak = max((lr for _, lr in points), default=0.0)
+        schedule = LRSchedule(peak_lr=peak or 1.0, style="points", points=points)
+        shown = [list(p) for p in points[:4]]
+        return schedule, f"hand-off: points {shown}{'...' if len(points) > 4 else ''}"
+    if optim.handoff == "paper":
+        schedule = LRSchedule(peak_lr=optim.lr, warmup_steps=optim.lr_warmup_iters, start_lr=optim.lr_warmup_init,
                               **common)
-        return schedule, f"hand-off: paper (warmup {args.lr_warmup_iters} steps to {args.lr:g})"
-    if handoff == "no-rewarmup":
-        schedule = LRSchedule(peak_lr=args.lr, warmup_steps=0, **common)
-        return schedule, f"hand-off: no re-warmup, start at {args.lr:g} and decay"
-    final = small_model_final_lr(args.clone_from)
-    peak = final * args.handoff_peak_factor if final else args.lr * 0.5
-    if peak < args.min_lr:
-        raise HypercloneError(f"the hand-off peak {peak:g} is below --min-lr {args.min_lr:g}")
-    schedule = LRSchedule(peak_lr=peak, warmup_steps=args.lr_warmup_iters, start_lr=args.lr_warmup_init or
-                          (final or 0.0), **common)
-    source = f"small model's final LR {final:g} x {args.handoff_peak_factor:g}" if final else "--lr x 0.5"
-    return schedule, f"hand-off: low peak {peak:g} ({source}) after {args.lr_warmup_iters} warmup steps"
+        return schedule, f"hand-off: paper (warmup {optim.lr_warmup_iters} steps to {optim.lr:g})"
+    if optim.handoff == "no-rewarmup":
+        schedule = LRSchedule(peak_lr=optim.lr, warmup_steps=0, **common)
+        return schedule, f"hand-off: no re-warmup, start at {optim.lr:g} and decay"
+    final = small_model_final_lr(clone_from)
+    peak = final * optim.handoff_peak_factor if final else optim.lr * 0.5
+    if peak < optim.min_lr:
+        raise HypercloneError(f"the hand-off peak {peak:g} is below --min-lr {optim.min_lr:g}")
+    schedule = LRSchedule(peak_lr=peak, warmup_steps=optim.lr_warmup_iters,
+                          start_lr=optim.lr_warmup_init or (final or 0.0), **common)
+    source = f"small model's final LR {final:g} x {optim.handoff_peak_factor:g}" if final else "--lr x 0.5"
+    return schedule, f"hand-off: low peak {peak:g} ({source}) after {optim.lr_warmup_iters} warmup steps"

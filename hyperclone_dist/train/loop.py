@@ -10,7 +10,6 @@ a collective for a peer that already left.
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -18,7 +17,45 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from hyperclone_dist.data.loader import DataConfig, build_datasets, parse_blend
+from hyperclone_dist.data.tokenizer import tokenizer_info
 from hyperclone_dist.errors import HypercloneError
+from hyperclone_dist.megatron import legacy, torch_dist
+from hyperclone_dist.megatron.load import is_megatron_checkpoint, read_iteration
+from hyperclone_dist.megatron.model import build_gpt_model
+from hyperclone_dist.megatron.parallel import init_distributed, init_model_parallel
+from hyperclone_dist.megatron.weights import fill_chunks
+from hyperclone_dist.train.checkpointing import (
+    check_resumable,
+    load_model_only,
+    resume,
+    save_checkpoint,
+    use_safe_loader,
+)
+from hyperclone_dist.train.data_feed import DataFeed, default_cache, default_data
+from hyperclone_dist.train.engine import (
+    complete_deepspeed_config,
+    initialize_engine,
+    parameter_groups,
+    read_deepspeed_config,
+)
+from hyperclone_dist.train.handoff import build_schedule
+from hyperclone_dist.train.moments import grow_moments_into, has_moments, prime_optimizer_state
+from hyperclone_dist.train.monitor import Monitor, device_peak_tflops, flops_per_token, is_logging_rank
+from hyperclone_dist.train.mup import mup_lr_multipliers
+from hyperclone_dist.train.run_config import RunConfig
+from hyperclone_dist.train.run_plan import plan_run
+from hyperclone_dist.train.startup import CLONE, LOAD, RESUME, mup_base_width, resolve_start
+from hyperclone_dist.train.step import eval_step, mark_pipeline_replicas, train_step
+from hyperclone_dist.train.symmetry import symmetry_stats, watched_names
+from hyperclone_dist.train.symmetry_breaking import GradientNoise
+
+# megatron.core is imported inside the methods that use it: seconds to import, and bad input is refused
+# before (in train/args.py, on every rank alike).
+
+
+class AgreedError(HypercloneError):
+    """A bad input every rank of the job knows about: each raises it, one rank reports it."""
 
 
 def agreed(fn, *args, **kwargs):
@@ -33,11 +70,11 @@ def agreed(fn, *args, **kwargs):
     dist.all_gather_object(errors, error)
     first = next((e for e in errors if e), None)
     if first:
-        raise HypercloneError(first)
+        raise AgreedError(first)
     return result
 
 
-def _prepare_environment() -> None:
+def prepare_environment() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it, even for one plain process
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -46,304 +83,203 @@ def _prepare_environment() -> None:
 
 
 class Run:
-    """Everything one rank holds for the job."""
+    """Everything one rank holds for the job; ``config`` is never changed."""
 
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.layout = config.parallel
 
     # ---- set-up ---------------------------------------------------------------------------------
     def setup_layout(self) -> None:
         from megatron.core import parallel_state as ps
 
-        from hyperclone_dist.megatron.parallel import init_model_parallel
-        from hyperclone_dist.train.checkpointing import latest_training_state
-        from hyperclone_dist.train.startup import resolve_start
-
-        args = self.args
-        self.resume_state = None
-        if args.load and (Path(args.load) / "latest_checkpointed_iteration.txt").is_file():
-            self.resume_state = latest_training_state(args.load)
-            self._check_requested_shape()
-            if self.resume_state is None:  # a converted checkpoint: its model, fresh optimizer
-                args.init, args.clone_from, args.model_config = "load", None, None
-        elif args.load and not (args.clone_from or args.model_config):
-            raise HypercloneError(f"--load {args.load}: no checkpoint there (no latest_checkpointed_iteration.txt)")
-        if self.resume_state is not None:
-            args.init = "load"
-        self.start = resolve_start(args)
-        if args.mup and args.mup_base_hidden_size is None:
-            args.mup_base_hidden_size = self._mup_base_width()
-        cfg = self.start.config
-        from hyperclone_dist.megatron.model import transformer_config
-
-        transformer_config(cfg, args.tp, args.pp, args.vpp)  # refuses what megatron cannot build, naming numbers
-        self.seq_length = args.seq_length or cfg.max_position_embeddings
-        if not 1 <= self.seq_length <= cfg.max_position_embeddings:
-            raise HypercloneError(f"--seq-length {self.seq_length} is outside the model's context "
-                                  f"1..{cfg.max_position_embeddings}")
-        init_model_parallel(args.tp, args.pp, args.vpp, seed=args.seed)
-        self.dp = ps.get_data_parallel_world_size()
-        from hyperclone_dist.train.data_feed import batch_plan
-
-        self.plan = batch_plan(args, self.dp, self.seq_length, args.pp, args.vpp)
-        self.layout = {"tp": args.tp, "pp": args.pp, "vpp": args.vpp, "dp": self.dp}
-
-    def _mup_base_width(self) -> int | None:
-        """The width μP's LR multipliers are relative to: the clone source's, or on resume the one the run
-        started with (recorded in its checkpoint; older checkpoints: the --clone-from source's again)."""
-        from hyperclone_dist.train.startup import _config_from_path
-
-        if self.start.small_config is not None:
-            return self.start.small_config.hidden_size
-        saved = (self.resume_state or {}).get("mup_base_hidden_size")
-        if saved:
-            return int(saved)
-        if self.resume_state is not None and self.args.clone_from:
-            return _config_from_path(Path(self.args.clone_from)).hidden_size
-        return None
-
-    def _check_requested_shape(self) -> None:
-        """With --load, the weights come from the checkpoint; a --clone-from/--model-config given too
-        must describe the same model, or the run would silently train something else than asked."""
-        import copy
-
-        from hyperclone_dist.config import ModelConfig
-        from hyperclone_dist.train.startup import checkpoint_config, resolve_start
-
-        args = self.args
-        if not (args.clone_from or args.model_config):
-            return
-        shape_only = copy.copy(args)
-        shape_only.init, shape_only.load = "random", None
-        requested = resolve_start(shape_only).config
-        if self.resume_state is not None:
-            saved = ModelConfig.from_dict(self.resume_state["model_config"])
-        else:
-            saved = checkpoint_config(Path(args.load))
-        if saved != requested:
-            raise HypercloneError(f"--load {args.load}: the checkpoint's model differs from this run's (hidden "
-                                  f"{saved.hidden_size} vs {requested.hidden_size}, layers {saved.num_layers} vs "
-                                  f"{requested.num_layers}, ffn {saved.ffn_hidden_size} vs {requested.ffn_hidden_size})")
+        config = self.config
+        self.start = resolve_start(config.start)
+        self.mup_base = (mup_base_width(self.start, config.start, config.optim.mup_base_hidden_size)
+                         if config.optim.mup else None)
+        self.plan = plan_run(config, self.start.config, dist.get_world_size())
+        init_model_parallel(self.layout, seed=config.seed)
+        self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+        self.dp_rank = ps.get_data_parallel_rank()
+        # what a resume must match: DeepSpeed's optimizer partitions are tied to it
+        self.layout_record = {"tp": self.layout.tp, "pp": self.layout.pp, "vpp": self.layout.vpp, "dp": self.plan.dp}
 
     def setup_data(self) -> None:
-        from megatron.core import parallel_state as ps
-
-        from hyperclone_dist.data.loader import DataConfig, build_datasets, parse_blend
-        from hyperclone_dist.data.tokenizer import tokenizer_info
-        from hyperclone_dist.train.data_feed import DataFeed, default_cache, default_data
-
-        args, cfg = self.args, self.start.config
-        cache = Path(args.data_cache_path) if args.data_cache_path else default_cache()
-        if args.data_path:
-            prefixes, weights = parse_blend(args.data_path)
-            tokenizer = args.tokenizer_model
+        data, cfg = self.config.data, self.start.config
+        cache = Path(data.data_cache_path) if data.data_cache_path else default_cache()
+        if data.data_path:
+            prefixes, weights = parse_blend(list(data.data_path))
+            tokenizer = data.tokenizer_model
         else:
             (prefixes, tokenizer), weights = default_data(cache, cfg.vocab_size), None
         info = tokenizer_info(tokenizer)
         if info.vocab_size > cfg.vocab_size:
             raise HypercloneError(f"tokenizer {tokenizer} has {info.vocab_size} pieces but the model's vocabulary "
                                   f"is {cfg.vocab_size}: token ids would fall outside the embedding")
-        config = DataConfig(prefixes=tuple(prefixes), tokenizer_model=str(tokenizer), cache_dir=str(cache / "index"),
-                            weights=tuple(weights) if weights else None, split=args.split,
-                            sequence_length=self.seq_length, seed=args.seed)
-        gbs = self.plan.global_batch_size
-        valid = args.eval_iters * gbs if args.eval_interval else 0
-        datasets = build_datasets(config, (args.train_iters + args.data_offset_steps) * gbs, valid)
-        self.feed = DataFeed(datasets, self.plan, ps.get_data_parallel_rank(), args.eval_iters, args.data_offset_steps)
+        dataset = DataConfig(prefixes=tuple(prefixes), tokenizer_model=str(tokenizer), cache_dir=str(cache / "index"),
+                             weights=tuple(weights) if weights else None, split=data.split,
+                             sequence_length=self.plan.seq_length, seed=self.config.seed)
+        logging, gbs = self.config.logging, self.plan.batches.global_batch_size
+        valid = logging.eval_iters * gbs if logging.eval_interval else 0
+        datasets = build_datasets(dataset, (self.config.optim.train_iters + data.data_offset_steps) * gbs, valid)
+        self.feed = DataFeed(datasets, self.plan.batches, self.dp_rank, logging.eval_iters, data.data_offset_steps)
         self.data_description = {"prefixes": list(prefixes), "weights": weights, "tokenizer": str(tokenizer),
-                                 "split": args.split, "offset_steps": args.data_offset_steps}
+                                 "split": data.split, "offset_steps": data.data_offset_steps}
 
     def setup_model(self) -> None:
-        from megatron.core import parallel_state as ps
-
-        from hyperclone_dist.megatron.mapping import Layout, padded_vocab_size
-        from hyperclone_dist.megatron.model import build_gpt_model
-        from hyperclone_dist.train.init_weights import fill_chunks
-        from hyperclone_dist.train.step import mark_pipeline_replicas
-
-        args, cfg = self.args, self.start.config
-        dtype = torch.bfloat16 if args.bf16 else torch.float32
-        self.padded_vocab = padded_vocab_size(cfg.vocab_size, args.tp)
-        if self.start.slice_fn is None and self.resume_state is None:
+        cfg, mode = self.start.config, self.start.mode
+        dtype = torch.bfloat16 if self.config.engine.bf16 else torch.float32
+        if mode == LOAD:  # the converted checkpoint's own padding (it may have been written at another tp)
             self.padded_vocab = self._checkpoint_padded_vocab()
-        overrides = {"softmax_scale": 1.0 / cfg.head_dim} if args.mup_attention_scale else {}
+        else:
+            self.padded_vocab = self.layout.padded_vocab(cfg.vocab_size)
+        overrides = {"softmax_scale": 1.0 / cfg.head_dim} if self.config.optim.mup_attention_scale else {}
         self.chunks = build_gpt_model(cfg, dtype=dtype, perform_initialization=False, padded_vocab=self.padded_vocab,
                                       **overrides)
         if self.start.slice_fn is not None:
-            layout = Layout(tp=args.tp, pp=args.pp, vpp=args.vpp)
-            fill_chunks(self.chunks, cfg, layout, ps.get_tensor_model_parallel_rank(),
-                        ps.get_pipeline_model_parallel_rank(), self.start.slice_fn)
-        elif self.resume_state is None:
-            from hyperclone_dist.train.checkpointing import load_model_only
-
-            load_model_only(self.chunks, args.load)
+            fill_chunks(self.chunks, cfg, self.layout, self.tp_rank, self.pp_rank, self.start.slice_fn)
+        elif mode == LOAD:
+            load_model_only(self.chunks, self.config.start.load)
         mark_pipeline_replicas(self.chunks)
 
     def _checkpoint_padded_vocab(self) -> int:
-        from hyperclone_dist.megatron import torch_dist
-        from hyperclone_dist.megatron.legacy import iteration_dir
-        from hyperclone_dist.megatron.load import read_iteration
-
-        root = Path(self.args.load)
-        padded = int(torch_dist.read_args(iteration_dir(root, read_iteration(root))).padded_vocab_size)
-        if padded % self.args.tp:
-            raise HypercloneError(f"--load {root}: its padded vocabulary ({padded}) is not divisible by tp={self.args.tp}")
+        root = Path(self.config.start.load)
+        padded = int(torch_dist.read_args(legacy.iteration_dir(root, read_iteration(root))).padded_vocab_size)
+        if padded % self.layout.tp:
+            raise HypercloneError(f"--load {root}: its padded vocabulary ({padded}) is not divisible by "
+                                  f"tp={self.layout.tp}")
         return padded
 
     def setup_engine(self) -> None:
-        from hyperclone_dist.train.engine import (
-            complete_deepspeed_config,
-            initialize_engine,
-            parameter_groups,
-            read_deepspeed_config,
-        )
-        from hyperclone_dist.train.handoff import build_schedule
-        from hyperclone_dist.train.mup import mup_lr_multipliers
-
-        args = self.args
-        user = read_deepspeed_config(args.deepspeed_config)
-        ds_config = complete_deepspeed_config(user, micro_batch_size=self.plan.micro_batch_size,
-                                              num_micro_batches=self.plan.num_micro_batches, dp=self.dp,
-                                              pp=args.pp, clip_grad=args.clip_grad, bf16=args.bf16)
-        self.schedule, self.handoff = build_schedule(args)
-        multipliers = mup_lr_multipliers(self.chunks, self.start, args) if args.mup else None
+        config, batches = self.config, self.plan.batches
+        optim = config.optim
+        ds_config = complete_deepspeed_config(read_deepspeed_config(config.engine.deepspeed_config),
+                                              micro_batch_size=batches.micro_batch_size,
+                                              num_micro_batches=batches.num_micro_batches, dp=self.plan.dp,
+                                              pp=self.layout.pp, clip_grad=optim.clip_grad, bf16=config.engine.bf16)
+        self.schedule, self.handoff = build_schedule(optim, config.start.clone_from)
+        multipliers = (mup_lr_multipliers(self.start.config, self.layout, self.pp_rank, self.mup_base)
+                       if optim.mup else None)
         # the scheduler scales each group's LR by schedule.factor(step) = lr(step) / peak: the groups start
         # from the schedule's peak, which is --lr only for the paper and no-rewarmup hand-offs
         peak = self.schedule.peak_lr
-        groups = parameter_groups(self.chunks, args.weight_decay, peak, multipliers)
-        self.engine = initialize_engine(self.chunks, ds_config, groups, self.schedule, weight_decay=args.weight_decay,
+        groups = parameter_groups(self.chunks, optim.weight_decay, peak, multipliers)
+        self.engine = initialize_engine(self.chunks, ds_config, groups, self.schedule, weight_decay=optim.weight_decay,
                                         lr=peak, vocab_size=self.start.config.vocab_size,
-                                        seq_length=self.seq_length, logit_scale=args.mup_output_multiplier,
-                                        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
-        from hyperclone_dist.train.checkpointing import use_safe_loader
-
+                                        seq_length=self.plan.seq_length, logit_scale=optim.mup_output_multiplier,
+                                        betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_eps)
         use_safe_loader(self.engine)
-        from hyperclone_dist.train.moments import prime_optimizer_state
-
         prime_optimizer_state(self.engine)
-        self.moments_grown = False
-        if args.init == "clone" and args.grow_optimizer_state and self.resume_state is None:
+        self.description = self.start.description
+        if self.start.mode == CLONE and config.start.grow_optimizer_state:
             self._grow_optimizer_state()
 
     def _grow_optimizer_state(self) -> None:
         """--clone-from a pretrain.py checkpoint that holds Adam's moments: continue its optimizer."""
-        from megatron.core import parallel_state as ps
-
-        from hyperclone_dist.megatron import torch_dist
-        from hyperclone_dist.megatron.legacy import iteration_dir
-        from hyperclone_dist.megatron.load import is_megatron_checkpoint, read_iteration
-        from hyperclone_dist.megatron.mapping import Layout
-        from hyperclone_dist.train.moments import grow_moments_into, has_moments
-        from hyperclone_dist.train.startup import _growth_spec
-
-        root = Path(self.args.clone_from)
+        root = Path(self.config.start.clone_from)
         if not (root.is_dir() and is_megatron_checkpoint(root) and has_moments(root)):
             return
-        saved = torch_dist.read_args(iteration_dir(root, read_iteration(root)))
+        saved = torch_dist.read_args(legacy.iteration_dir(root, read_iteration(root)))
         step = int(getattr(saved, "hyperclone_optimizer_step", 0))
-        grow_moments_into(self.engine, self.chunks, root, _growth_spec(self.args),
-                          Layout(tp=self.args.tp, pp=self.args.pp, vpp=self.args.vpp),
-                          ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), step)
-        self.moments_grown = True
-        self.start.description += f"; Adam moments grown from its optimizer (step {step})"
+        grow_moments_into(self.engine, self.chunks, root, self.config.start.growth, self.layout, self.tp_rank,
+                          self.pp_rank, step)
+        self.description += f"; Adam moments grown from its optimizer (step {step})"
 
     def setup_resume(self) -> None:
-        from hyperclone_dist.train.checkpointing import check_resumable, resume
-
         self.step = 0
-        if self.resume_state is None:
+        state = self.start.resume_state
+        if self.start.mode != RESUME:
             return
-        check_resumable(self.resume_state, self.layout, self.start.config.to_dict(), self.args.load)
-        state, rng = resume(self.engine, self.args.load, self.resume_state["tag"])
-        self.step = int(state["step"])
+        check_resumable(state, self.layout_record, self.start.config.to_dict(), self.config.start.load)
+        saved, rng = resume(self.engine, self.config.start.load, state["tag"])
+        self.step = int(saved["step"])
         if rng.get("torch") is not None:
             torch.set_rng_state(rng["torch"])
 
     # ---- the job --------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
-        return {"step": self.step, "consumed_samples": self.step * self.plan.global_batch_size,
-                "layout": self.layout, "model_config": self.start.config.to_dict(), "data": self.data_description,
-                "schedule": asdict(self.schedule), "handoff": self.args.handoff, "start": self.start.description,
-                "seed": self.args.seed,
-                "mup_base_hidden_size": self.args.mup_base_hidden_size if self.args.mup else None}
+        return {"step": self.step, "consumed_samples": self.step * self.plan.batches.global_batch_size,
+                "layout": self.layout_record, "model_config": self.start.config.to_dict(),
+                "data": self.data_description, "schedule": asdict(self.schedule), "handoff": self.config.optim.handoff,
+                "start": self.description, "seed": self.config.seed, "mup_base_hidden_size": self.mup_base}
 
     def save(self) -> None:
-        from hyperclone_dist.megatron import legacy
-        from hyperclone_dist.megatron.mapping import Layout
-        from hyperclone_dist.train.checkpointing import save_checkpoint
-
-        layout = Layout(tp=self.args.tp, pp=self.args.pp, vpp=self.args.vpp)
-        args = legacy.megatron_args(self.start.config, layout, torch.bfloat16 if self.args.bf16 else torch.float32,
-                                    self.step)
+        dtype = torch.bfloat16 if self.config.engine.bf16 else torch.float32
+        args = legacy.megatron_args(self.start.config, self.layout, dtype, self.step)
         args.padded_vocab_size = self.padded_vocab
-        args.consumed_train_samples = self.step * self.plan.global_batch_size
-        path = save_checkpoint(self.engine, self.chunks, self.args.save, self.step, self.trainer_state(), args,
-                               rng={"torch": torch.get_rng_state()}, moments=self.args.save_moments,
-                               checksums=self.args.checksums)
+        args.consumed_train_samples = self.step * self.plan.batches.global_batch_size
+        checkpoint = self.config.checkpoint
+        path = save_checkpoint(self.engine, self.chunks, checkpoint.save, self.step, self.trainer_state(), args,
+                               rng={"torch": torch.get_rng_state()}, moments=checkpoint.save_moments,
+                               checksums=checkpoint.checksums)
         self.monitor.print(f"saved {path} (step {self.step})")
 
     def evaluate(self) -> float | None:
-        from hyperclone_dist.train.step import eval_step
-
-        losses = [eval_step(self.chunks, self.feed.valid_batches(i), self.seq_length, self.plan.micro_batch_size,
-                            self.start.config.vocab_size, self.args.mup_output_multiplier)
-                  for i in range(self.args.eval_iters)]
+        losses = [eval_step(self.chunks, self.feed.valid_batches(i), self.plan.seq_length,
+                            self.plan.batches.micro_batch_size, self.start.config.vocab_size,
+                            self.config.optim.mup_output_multiplier)
+                  for i in range(self.config.logging.eval_iters)]
         return None if losses[0] is None else sum(losses) / len(losses)
 
-    def train(self) -> dict:
-        from hyperclone_dist.train.monitor import Monitor, device_peak_tflops, flops_per_token, is_logging_rank
-        from hyperclone_dist.train.step import train_step
-        from hyperclone_dist.train.symmetry import symmetry_stats
+    def _open_monitor(self) -> Monitor:
+        logging, save = self.config.logging, self.config.checkpoint.save
+        return Monitor(enabled=is_logging_rank(), total_steps=self.config.optim.train_iters, start_step=self.step,
+                       out_dir=Path(save) if save else None, tensorboard_dir=logging.tensorboard_dir,
+                       wandb_project=logging.wandb_project, wandb_name=logging.wandb_exp_name,
+                       metrics_file=logging.metrics_file,
+                       run_config={**self.config.to_dict(), "layout": self.layout_record},
+                       progress=logging.progress)
 
-        args, cfg = self.args, self.start.config
-        out_dir = Path(args.save) if args.save else None
-        self.monitor = Monitor(enabled=is_logging_rank(), total_steps=args.train_iters, start_step=self.step,
-                               out_dir=out_dir, tensorboard_dir=args.tensorboard_dir, wandb_project=args.wandb_project,
-                               wandb_name=args.wandb_exp_name, metrics_file=args.metrics_file,
-                               run_config={**vars(args), "layout": self.layout}, progress=not args.no_progress)
-        self.monitor.print(f"pretrain: {self.start.description}; {cfg.family} hidden {cfg.hidden_size}, layers "
-                           f"{cfg.num_layers}, {sum(p.numel() for c in self.chunks for p in c.parameters()):,} "
-                           f"parameters on this rank; tp={args.tp} pp={args.pp} dp={self.dp}"
-                           f"{f' vpp={args.vpp}' if args.vpp else ''}, global batch {self.plan.global_batch_size} "
-                           f"x {self.seq_length} tokens, {self.plan.num_micro_batches} micro-batches per rank; "
-                           f"{self.handoff}")
-        peak = device_peak_tflops(args.peak_tflops)
-        flops = flops_per_token(cfg, self.seq_length)
-        symmetry_every = args.symmetry_interval or 10 * args.log_interval
+    def _start_line(self) -> str:
+        cfg, layout, batches = self.start.config, self.layout, self.plan.batches
+        params = sum(p.numel() for c in self.chunks for p in c.parameters())
+        return (f"pretrain: {self.description}; {cfg.family} hidden {cfg.hidden_size}, layers {cfg.num_layers}, "
+                f"{params:,} parameters on this rank; tp={layout.tp} pp={layout.pp} dp={self.plan.dp}"
+                f"{f' vpp={layout.vpp}' if layout.vpp else ''}, global batch {batches.global_batch_size} x "
+                f"{self.plan.seq_length} tokens, {batches.num_micro_batches} micro-batches per rank; {self.handoff}")
+
+    def train(self) -> dict:
+        config, cfg, batches = self.config, self.start.config, self.plan.batches
+        logging, checkpoint, train_iters = config.logging, config.checkpoint, config.optim.train_iters
+        self.monitor = self._open_monitor()
+        self.monitor.print(self._start_line())
+        peak = device_peak_tflops(logging.peak_tflops)
+        flops = flops_per_token(cfg, self.plan.seq_length)
+        symmetry_every = logging.symmetry_interval or 10 * logging.log_interval
+        watched = watched_names(cfg, self.layout, self.pp_rank)
+        noise = GradientNoise.from_options(config.optim, config.seed)
         last = {}
-        if args.eval_interval and self.step == 0:
+        if logging.eval_interval and self.step == 0:
             last["valid/loss"] = self.evaluate()
             self.monitor.log(0, {"valid/loss": last["valid/loss"]})
         self.monitor.restart_clock()
-        from hyperclone_dist.train.symmetry_breaking import GradientNoise
-
-        self.symmetry_noise = GradientNoise.from_args(args)
         steps_timed = 0
-        while self.step < args.train_iters:
-            result = train_step(self.engine, self.chunks, self.feed.train_batches(self.step), self.seq_length,
-                                self.plan.micro_batch_size, cfg.vocab_size, noise=self.symmetry_noise)
+        while self.step < train_iters:
+            result = train_step(self.engine, self.chunks, self.feed.train_batches(self.step), self.plan.seq_length,
+                                batches.micro_batch_size, cfg.vocab_size, noise=noise)
             self.step += 1
             steps_timed += 1
             values = {"train/loss": result.loss, "train/lr": result.lr, "train/grad_norm": result.grad_norm}
-            if self.step % args.log_interval == 0 or self.step == args.train_iters:
+            logged = self.step % logging.log_interval == 0 or self.step == train_iters
+            if logged:
                 seconds = self.monitor.elapsed()
-                tokens_per_s = steps_timed * self.plan.tokens_per_step / seconds
+                tokens_per_s = steps_timed * batches.tokens_per_step / seconds
                 steps_timed = 0
                 values["perf/tokens_per_s"] = tokens_per_s
-                values["perf/step_seconds"] = seconds / max(1, args.log_interval)
+                values["perf/step_seconds"] = seconds / max(1, logging.log_interval)
                 if peak:
                     values["perf/mfu"] = tokens_per_s * flops / (peak * 1e12 * dist.get_world_size())
             if self.start.width_factor > 1 and (self.step % symmetry_every == 0 or self.step == 1):
-                values.update(symmetry_stats(self.chunks, self.start.width_factor) or {})
-            if args.eval_interval and (self.step % args.eval_interval == 0 or self.step == args.train_iters):
+                values.update(symmetry_stats(self.chunks, watched, self.start.width_factor) or {})
+            if logging.eval_interval and (self.step % logging.eval_interval == 0 or self.step == train_iters):
                 values["valid/loss"] = self.evaluate()
-            if self.step % args.log_interval == 0 or "valid/loss" in values or self.step == args.train_iters:
+            if logged or "valid/loss" in values:
                 self.monitor.log(self.step, values)
             last.update({k: v for k, v in values.items() if v is not None})
             self.monitor.advance()
-            stop = args.exit_interval is not None and self.step >= args.exit_interval
-            if args.save and (stop or self.step == args.train_iters
-                              or (args.save_interval and self.step % args.save_interval == 0)):
+            stop = checkpoint.exit_interval is not None and self.step >= checkpoint.exit_interval
+            if checkpoint.save and (stop or self.step == train_iters
+                                    or (checkpoint.save_interval and self.step % checkpoint.save_interval == 0)):
                 self.save()
                 self.monitor.restart_clock()
             if stop:
@@ -353,13 +289,11 @@ class Run:
         return last
 
 
-def pretrain(args: argparse.Namespace) -> dict:
+def pretrain(config: RunConfig) -> dict:
     """The whole job on this rank; returns the last logged values (on the logging rank)."""
-    _prepare_environment()
-    from hyperclone_dist.megatron.parallel import init_distributed
-
-    init_distributed(timeout_minutes=args.distributed_timeout_minutes)
-    run = Run(args)
+    prepare_environment()
+    init_distributed(timeout_minutes=config.engine.distributed_timeout_minutes)
+    run = Run(config)
     agreed(run.setup_layout)
     agreed(run.setup_data)
     agreed(run.setup_model)

@@ -20,8 +20,19 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
 from hyperclone_dist.errors import HypercloneError
+from hyperclone_dist.growth.grow import Grower
+from hyperclone_dist.growth.spec import GrowthSpec
+from hyperclone_dist.layout import Layout
+from hyperclone_dist.megatron import internals, legacy
+from hyperclone_dist.megatron.load import read_iteration
+from hyperclone_dist.megatron.mapping import chunk_params, local_tensor
+from hyperclone_dist.megatron.source import TorchDistSource
+from hyperclone_dist.params import rule_for
+
+# DeepSpeed is imported inside the functions that use it: a job imports it only once it trains.
 
 KEYS = ("exp_avg", "exp_avg_sq")
 PREFIX = "optimizer."  # torch_dist key of a moment: optimizer.<exp_avg|exp_avg_sq>.<the parameter's key>
@@ -32,7 +43,7 @@ def sharded_moments(engine, chunks: list) -> dict:
     like the parameter (same global shape, offsets and replica ids)."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    relink_optimizer_state(engine)
+    internals.relink_optimizer_state(engine)
     out = {}
     for index, chunk in enumerate(chunks):
         sharded = chunk.sharded_state_dict()
@@ -59,46 +70,35 @@ def optimizer_step_count(engine) -> int:
 
 
 def has_moments(root: Path) -> bool:
-    from hyperclone_dist.megatron.legacy import iteration_dir
-    from hyperclone_dist.megatron.load import read_iteration
-
     try:
-        it_dir = iteration_dir(root, read_iteration(root))
+        it_dir = legacy.iteration_dir(root, read_iteration(root))
     except HypercloneError:
         return False
-    from torch.distributed.checkpoint import FileSystemReader
-
+    if not (it_dir / ".metadata").is_file():  # not torch_dist: a legacy checkpoint holds the model only
+        return False
     metadata = FileSystemReader(str(it_dir)).read_metadata()
     return any(k.startswith(PREFIX + "exp_avg.") for k in metadata.state_dict_metadata)
 
 
-def gradient_over_weight_scale(grower, name: str) -> float:
+def gradient_over_weight_scale(grower: Grower, name: str) -> float:
     """(scale of the grown gradient) / (scale the weight's growth rule applies), per canonical tensor."""
-    from hyperclone_dist.growth.rules import rule_for
-
     rule = rule_for(name)
     factors = grower.factors(name)
-    output_axis = 1 if name in ("embed.weight", "pos_embed.weight") else 0  # an embedding row is the output
-    gradient = 1.0 / factors[output_axis]
+    gradient = 1.0 / factors[rule.output_axis]
     weight = 1.0 / factors[-1] if rule.divide else 1.0
     return gradient / weight
 
 
-def grow_moments_into(engine, chunks: list, small_root: Path, spec, layout, tp_rank: int, pp_rank: int,
-                      step: int) -> None:
+def grow_moments_into(engine, chunks: list, small_root: Path, spec: GrowthSpec, layout: Layout, tp_rank: int,
+                      pp_rank: int, step: int) -> None:
     """Set every local parameter's Adam moments to its slice of the grown small-model moments, and the
     optimizer's step count to the small model's."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
-    relink_optimizer_state(engine)
-
-    from hyperclone_dist.growth.grow import Grower
-    from hyperclone_dist.megatron.export import MegatronSource
-    from hyperclone_dist.megatron.mapping import chunk_params, local_tensor
-
+    internals.relink_optimizer_state(engine)
     plain = dataclasses.replace(spec, method="symmetric")  # moments are grown without noise
-    first = MegatronSource(small_root, key_prefix=f"{PREFIX}exp_avg.")
-    second = MegatronSource(small_root, key_prefix=f"{PREFIX}exp_avg_sq.")
+    first = TorchDistSource(small_root, key_prefix=f"{PREFIX}exp_avg.")
+    second = TorchDistSource(small_root, key_prefix=f"{PREFIX}exp_avg_sq.")
     grow_m = Grower(first.config, plain, first.get)
     grow_root_v = Grower(second.config, plain, lambda name: second.get(name).clamp(min=0).sqrt())
 
@@ -135,7 +135,7 @@ def prime_optimizer_state(engine) -> None:
     step, so training is unchanged."""
     optimizer = getattr(engine, "optimizer", None)
     base = getattr(optimizer, "optimizer", None)
-    if base is None or not hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+    if base is None or not internals.links_state_lazily(optimizer):
         return
     for group in base.param_groups:
         for flat in group["params"]:
@@ -144,13 +144,4 @@ def prime_optimizer_state(engine) -> None:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-    relink_optimizer_state(engine)
-
-
-def relink_optimizer_state(engine) -> None:
-    """Point DeepSpeed's per-parameter views at the optimizer's current state tensors (a checkpoint load
-    replaces those tensors and leaves the views unset)."""
-    optimizer = engine.optimizer
-    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
-        optimizer._hp_optimizer_states_linked = False
-        optimizer._lazy_init_hp_params_optimizer_state()
+    internals.relink_optimizer_state(engine)

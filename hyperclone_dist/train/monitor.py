@@ -69,7 +69,7 @@ class Monitor:
         metrics = metrics_file or (out_dir / "metrics.jsonl" if out_dir else None)
         if metrics:
             Path(metrics).parent.mkdir(parents=True, exist_ok=True)
-            self._metrics = open(metrics, "a", buffering=1)
+            self._metrics = open(metrics, "a", buffering=1)  # noqa: SIM115 - open for the run, closed by close()
         if progress:
             from tqdm import tqdm
 

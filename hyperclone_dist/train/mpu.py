@@ -9,12 +9,14 @@ pipeline stage and one ``mp_rank_XX`` checkpoint file per (tp, pp) rank.
 
 from __future__ import annotations
 
+import torch.distributed as dist
+
 
 class MegatronMPU:
     """Pass as ``deepspeed.initialize(..., mpu=MegatronMPU())`` after ``init_model_parallel``."""
 
     def __init__(self):
-        from megatron.core import parallel_state
+        from megatron.core import parallel_state  # heavy: imported once a job builds its engine
 
         self._ps = parallel_state
 
@@ -23,8 +25,6 @@ class MegatronMPU:
         return self._ps.get_model_parallel_group()
 
     def get_model_parallel_rank(self):
-        import torch.distributed as dist
-
         return dist.get_rank(group=self._ps.get_model_parallel_group())
 
     def get_model_parallel_world_size(self):
@@ -65,6 +65,4 @@ class MegatronMPU:
         return self._ps.get_data_parallel_world_size()
 
     def get_data_parallel_group_ranks(self):
-        import torch.distributed as dist
-
         return dist.get_process_group_ranks(self._ps.get_data_parallel_group())

@@ -19,6 +19,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hyperclone_dist.megatron.model import causal_attention_mask
+from hyperclone_dist.train import symmetry_breaking
+
+# megatron.core is imported inside the functions that use it (seconds to import; bad input is refused first).
+
 
 @dataclass
 class StepResult:
@@ -111,8 +116,6 @@ def forward_backward(chunks: list, micro_batches: list[dict], seq_length: int, m
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from hyperclone_dist.megatron.model import causal_attention_mask
-
     mask = causal_attention_mask(seq_length)
     data = [iter(micro_batches) for _ in chunks]
     outputs = get_forward_backward_func()(
@@ -147,8 +150,6 @@ class ChunkStack(torch.nn.Module):
 
     def __init__(self, chunks: list, vocab_size: int, seq_length: int, logit_scale: float = 1.0):
         super().__init__()
-        from hyperclone_dist.megatron.model import causal_attention_mask
-
         self.chunks = torch.nn.ModuleList(chunks)
         self.vocab_size, self.logit_scale = vocab_size, logit_scale
         self.register_buffer("attention_mask", causal_attention_mask(seq_length), persistent=False)
@@ -177,8 +178,6 @@ def _engine_loop_step(engine, micro_batches: list[dict]) -> float:
 def _symmetry_noise(engine, chunks: list, noise) -> None:
     """Gradient noise in the first K optimizer steps (symmetry_breaking.py): hooks attached at the first
     step, removed once step K is reached."""
-    from hyperclone_dist.train import symmetry_breaking
-
     if not hasattr(engine, "symmetry_noise_hooks"):
         engine.symmetry_noise_hooks = symmetry_breaking.attach(engine, chunks, noise) if noise else None
     hooks = engine.symmetry_noise_hooks

@@ -3,8 +3,8 @@
 A HyperCloning clone of width factor n holds every hidden unit n times (copy-major: unit j of copy k is
 row k * d_small + j). A symmetric clone trained without noise keeps the copies identical forever, so the
 large model has only the small model's capacity; noise, or anything that breaks the tie, lets them
-diverge. For the matrices that write into the hidden stream (attention output ``linear_proj`` and MLP
-``linear_fc2``, rows = hidden units, complete on every TP rank) and the final norm, this compares row block
+diverge. For the parameters the table marks as watched (params.py: the matrices that write into the hidden
+stream, whose rows are hidden units complete on every TP rank, and the final norm), this compares row block
 k with row block 0 for k = 1..n-1:
 
     cosine(k) = <B_k, B_0> / (|B_k| |B_0|),   rel_diff(k) = |B_k - B_0| / |B_0|
@@ -18,7 +18,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-_WATCHED = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight", "decoder.final_layernorm.weight")
+from hyperclone_dist.config import ModelConfig
+from hyperclone_dist.layout import Layout
+from hyperclone_dist.megatron.mapping import chunk_rules
 
 
 def _block_sums(weight: torch.Tensor, copies: int) -> torch.Tensor:
@@ -31,17 +33,23 @@ def _block_sums(weight: torch.Tensor, copies: int) -> torch.Tensor:
     return torch.stack([dots, (rest * rest).sum(dim=(1, 2)), (first * first).sum().expand_as(dots)], dim=1)
 
 
+def watched_names(cfg: ModelConfig, layout: Layout, pp_rank: int) -> list[set[str]]:
+    """Per model chunk of this pipeline rank, the local names of the watched parameters."""
+    return [{name for name, rules in chunk_rules(cfg, layout, pp_rank, chunk).items()
+             if all(rule.watched for rule in rules)} for chunk in range(layout.chunks)]
+
+
 @torch.no_grad()
-def symmetry_stats(chunks: list, copies: int) -> dict[str, float] | None:
+def symmetry_stats(chunks: list, watched: list[set[str]], copies: int) -> dict[str, float] | None:
     """Collective over the whole job; every rank gets the same figures (None when copies == 1)."""
-    from megatron.core import parallel_state as ps
+    from megatron.core import parallel_state as ps  # heavy: imported once a job runs
 
     if copies < 2:
         return None
     sums = []
-    for chunk in chunks:
+    for chunk, names in zip(chunks, watched):
         for name, param in chunk.named_parameters():
-            if name.endswith(_WATCHED) and param.shape[0] % copies == 0:
+            if name in names and param.shape[0] % copies == 0:
                 sums.append(_block_sums(param, copies))
     if sums:
         stacked = torch.stack(sums)  # [params, copies - 1, 3], the same params on every rank of a TP group

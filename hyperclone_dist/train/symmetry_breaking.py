@@ -27,11 +27,12 @@ would. The step is DeepSpeed's ``engine.global_steps`` (optimizer steps of this 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 from dataclasses import dataclass
 
-from hyperclone_dist.errors import HypercloneError
+import torch
+
+from hyperclone_dist.train.run_config import OptimOptions
 
 
 @dataclass(frozen=True)
@@ -51,27 +52,10 @@ class GradientNoise:
         return self.steps > 0 and self.scale > 0
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> GradientNoise | None:
-        try:  # values from a --config file skip argparse's type checks
-            noise = cls(int(args.symmetry_noise_steps), float(args.symmetry_noise_scale), args.seed)
-        except ValueError as exc:
-            raise HypercloneError(str(exc)) from None
+    def from_options(cls, optim: OptimOptions, seed: int) -> GradientNoise | None:
+        """The run's noise, or None when it is off."""
+        noise = cls(optim.symmetry_noise_steps, optim.symmetry_noise_scale, seed)
         return noise if noise.active else None
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: a bad value is a one-line usage error at parse time, on every rank alike."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def noise_seed(seed: int, step: int, key: str) -> int:
@@ -95,8 +79,6 @@ class NoiseHooks:
             self.handles.append(param.register_hook(self._hook(key)))
 
     def _hook(self, key: str):
-        import torch  # here: args.py imports this module, and parsing a command line needs no torch
-
         def add_noise(grad: torch.Tensor) -> torch.Tensor | None:
             step = self.step_of()
             if step >= self.noise.steps:
@@ -119,11 +101,10 @@ class NoiseHooks:
 
 
 def attach(engine, chunks: list, noise: GradientNoise) -> NoiseHooks:
-    """Hooks on this rank's chunks for the DeepSpeed engine's optimizer steps (PP = 1 only)."""
-    from megatron.core import parallel_state as ps
+    """Hooks on this rank's chunks for the DeepSpeed engine's optimizer steps (PP = 1 only: RunConfig
+    refuses the noise with pipeline parallelism, whose schedule and tied-embedding gradients it has not
+    been tested with)."""
+    from megatron.core import parallel_state as ps  # heavy: imported once a job trains
 
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        raise HypercloneError("--symmetry-noise-steps supports pp=1 only (the gradients of a pipeline "
-                              "schedule and of tied embeddings across stages are untested)")
     named = [(f"chunk{i}.{name}", p) for i, chunk in enumerate(chunks) for name, p in chunk.named_parameters()]
     return NoiseHooks(noise, named, lambda: engine.global_steps, ps.get_tensor_model_parallel_rank())

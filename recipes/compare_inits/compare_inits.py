@@ -108,10 +108,10 @@ def pretrain(flags: list, env: dict, log: Path) -> None:
 
 
 def flops_per_token(cfg_path: Path, seq: int) -> float:
-    from hyperclone_dist.checkpoint.reader import SourceCheckpoint
+    from hyperclone_dist.sources import open_source
     from hyperclone_dist.train.monitor import flops_per_token as fpt
 
-    return fpt(SourceCheckpoint(cfg_path).config, seq)
+    return fpt(open_source(cfg_path).config, seq)
 
 
 def main() -> int:
@@ -210,12 +210,12 @@ def report(args, out: Path, small: Path) -> None:
     control = {s: curves["small-continued"][i].final for i, s in enumerate(args.seeds)} \
         if "small-continued" in curves else None
     small_state = json.loads(next((out / "small").glob("global_step*/trainer_state.json")).read_text())
-    from hyperclone_dist.checkpoint.reader import SourceCheckpoint
     from hyperclone_dist.growth.grow import Grower
     from hyperclone_dist.growth.spec import GrowthSpec
+    from hyperclone_dist.sources import open_source
     from hyperclone_dist.train.monitor import flops_per_token as fpt
 
-    small_cfg = SourceCheckpoint(small).config
+    small_cfg = open_source(small).config
     charge = small_state["step"] * fpt(small_cfg, 128) / fpt(
         Grower(small_cfg, GrowthSpec(width_factor=2), lambda n: None).large, 128)  # in large-model steps
     rows = []

@@ -130,7 +130,8 @@ def main() -> int:
 
     launch = [TORCHRUN, "--standalone", "--nproc_per_node", gpus, "launch/pretrain.py", "--no-progress"]
     shape = (["--seq-length", SMOKE["seq"], "--micro-batch-size", SMOKE["micro"], "--global-batch-size",
-              SMOKE["global"], "--eval-iters", SMOKE["eval_iters"], "--lr-warmup-iters", SMOKE["warmup"], "--deepspeed_config", SMOKE["deepspeed_config"]]
+              SMOKE["global"], "--eval-iters", SMOKE["eval_iters"], "--lr-warmup-iters", SMOKE["warmup"],
+              "--deepspeed_config", SMOKE["deepspeed_config"]]
              if args.smoke else ["--bf16", "--deepspeed_config", config["deepspeed_config"]])
     common = ["--config", HERE / "train.json", *shape, "--data-path", data / "corpus", "--tokenizer-model",
               data / "tok.model", "--eval-interval", args.eval_interval, "--log-interval", "10"]

@@ -22,13 +22,9 @@ import torch.distributed as dist
 
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.errors import HypercloneError
+from hyperclone_dist.layout import Layout, padded_vocab_size
 from hyperclone_dist.megatron.cpu_shims import apply_cpu_shims
-from hyperclone_dist.megatron.model import (
-    build_gpt_model,
-    causal_attention_mask,
-    forward_logits,
-    padded_vocab_size,
-)
+from hyperclone_dist.megatron.model import build_gpt_model, causal_attention_mask, forward_logits
 from hyperclone_dist.megatron.parallel import destroy_parallel, init_model_parallel
 
 VOCAB, SEQ, BATCH = 100, 16, 4
@@ -132,7 +128,7 @@ def load_layout(cfg: ModelConfig, layout: tuple[int, int, int | None], checkpoin
     from megatron.core import dist_checkpointing
 
     tp, pp, vpp = layout
-    init_model_parallel(tp, pp, vpp, seed=7)
+    init_model_parallel(Layout(tp=tp, pp=pp, vpp=vpp), seed=7)
     chunks = build_gpt_model(cfg, padded_vocab=PADDED_VOCAB, perform_initialization=False)
     sharded = {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
     loaded = dist_checkpointing.load(sharded, str(checkpoint))
@@ -163,7 +159,7 @@ def run_model(name: str, cfg: ModelConfig, workdir: Path) -> dict:
 
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(11))
     checkpoint = workdir / f"{name}_tp1pp1"
-    init_model_parallel(1, 1, seed=7)
+    init_model_parallel(seed=7)
     reference_chunks = build_gpt_model(cfg, padded_vocab=PADDED_VOCAB)
     randomise(reference_chunks[0])
     want = measure(reference_chunks, tokens)
@@ -181,7 +177,7 @@ def check_learned_positions() -> dict:
     """With forward_logits' position ids, position p must read row p of megatron's learned table (for OPT
     that row holds HF row p + 2, see hf_position_rows): bumping the last row changes only the last
     position's logits, bumping row 0 changes position 0's."""
-    init_model_parallel(1, 1, seed=7)
+    init_model_parallel(seed=7)
     (model,) = build_gpt_model(OPT, padded_vocab=PADDED_VOCAB)
     randomise(model)
     table = model.embedding.position_embeddings.weight
@@ -218,7 +214,7 @@ def main() -> None:
     torch.set_num_threads(1)
     mine: dict = {"bad_layout_error": None, "models": {}}
     try:
-        init_model_parallel(3, 1)
+        init_model_parallel(Layout(tp=3))
     except HypercloneError as exc:
         mine["bad_layout_error"] = str(exc)
     for name in args.models:

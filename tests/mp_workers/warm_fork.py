@@ -1,53 +1,64 @@
-"""``hyperclone`` commands in forked children of one warm process: killed at chosen points, run under a
-file-size limit or without root's permission override. The process half of tests/test_crash_safety.py
-and tests/test_bad_input_catalogue.py.
+"""``hyperclone`` and ``pretrain.py`` runs in forked children of one warm process: one rank, or several
+ranks of one gloo job (as torchrun starts them), killed at chosen points, run under a file-size limit or
+without root's permission override.
 
-    python tests/mp_workers/forked_cli.py plan.json report.json
+    python tests/mp_workers/warm_fork.py plan.json report.json
 
-torch, megatron-core and hyperclone are imported once here; each run is a child forked from this process
-(its own process group) that calls ``hyperclone_dist.cli.main.main``: a fresh process, without paying the
-imports again. Nothing here has run torch ops before the forks, so no thread pool is copied half-used.
+torch, megatron-core, DeepSpeed, transformers and hyperclone are imported once here; each run is a fork of
+this process that calls ``hyperclone_dist.cli.main.main`` or ``launch/pretrain.py``'s ``main``: a fresh
+process, without paying the imports again. Nothing here runs torch ops before the forks, so no thread pool
+is copied half-used. A run of N ranks is a launcher child in its own process group that forks the N ranks
+with torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and, like torchrun,
+stops the others as soon as one fails.
 
 The plan is ``{"out", "src", "logs", "steps": [...]}``, each step one of
-- ``{"name", "run": [args], "kill": SPEC, "fsize": BYTES, "read_only": true, "background": true}``
+- ``{"name", "run": [args], "entry": "hyperclone" | "pretrain", "nproc": N, "env": {...}, "kill": SPEC,
+  "fsize": BYTES, "read_only": true, "background": true}`` (entry: hyperclone; nproc: 1);
 - ``{"continue": NAME}``: SIGCONT a background run stopped by its SPEC and wait for it;
 - ``{"fs": [OP, *ARGS]}``, OP one of ``rmtree``, ``move``, ``copytree``, ``truncate`` (to a size),
   ``unlink``: files prepared or damaged between runs.
 
-A kill SPEC is deterministic or external:
+A kill SPEC (one-rank runs) is deterministic or external:
 - ``{"event": E, "path_has": S, "nth": N, "signal": "SIGKILL" | "SIGSTOP"}``: an audit hook
   (``sys.addaudithook``) in the child acts just before the N-th audit event E (``os.mkdir``, ``open`` for
-  writing, ``os.rename``) whose path contains S: SIGKILL to the child's whole process group (megatron's
-  shard writers are forked children that inherit the hook, so a point inside them kills the conversion
-  too), or SIGSTOP to the child alone, to be continued by a later step.
+  writing, ``os.rename``) whose path contains S: SIGKILL to the child's whole process group (processes it
+  forked inherit the hook, so a point inside them kills the run too), or SIGSTOP to the child alone, to be
+  continued by a later step.
 - ``{"after_glob": G, "delay_s": T}``: this process polls for a path matching G, waits T seconds and sends
-  SIGKILL to the group, wherever the conversion has got to (it may have finished).
+  SIGKILL to the group, wherever the run has got to (it may have finished).
 
 ``fsize`` sets RLIMIT_FSIZE in the child (Python ignores SIGXFSZ, so a write past it fails with EFBIG, as
 on a full disk). ``read_only`` drops CAP_DAC_OVERRIDE from the child, so that a ``chmod 555`` directory
 refuses root as it refuses anyone else.
 
-For every run the report holds the exit status (negative: killed by that signal), seconds, stdout,
-stderr, the names beside ``out``, whether ``out`` and its completion marker exist, and the sha256 of every
-file of ``out`` and of ``src``.
+For every run the report holds the exit status (negative: killed by that signal; for N ranks the first
+failure's, as torchrun reports), seconds, stdout, stderr (the ranks' in rank order), each rank's own, the
+names beside ``out``, whether ``out`` and its completion marker exist, and the sha256 of every file of
+``out`` and of ``src``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import hashlib
+import importlib.util
 import json
 import os
 import resource
 import shutil
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[2]
 TRACKER = "latest_checkpointed_iteration.txt"
 CAP_DAC_OVERRIDE = 1
+STEP_TIMEOUT_S = 600
+ENTRIES = {}  # entry name -> main(argv) -> int, filled in main() before any fork
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -106,25 +117,27 @@ def _drop_dac_override() -> None:
         raise OSError(ctypes.get_errno(), "capset")
 
 
-def _child(step: dict, log: Path) -> None:
-    os.setpgid(0, 0)
+def _redirect(log: Path) -> None:
     for fd, name in ((1, "stdout"), (2, "stderr")):
         os.dup2(os.open(f"{log}.{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+
+
+def _run_entry(step: dict) -> None:
+    """In a fork: run the step's entry point and exit with its status (never returns)."""
     status = 1
     try:
+        os.environ.update(step.get("env") or {})
         if step.get("read_only") and os.geteuid() == 0:
             _drop_dac_override()
         if step.get("fsize"):
             resource.setrlimit(resource.RLIMIT_FSIZE, (step["fsize"], resource.RLIM_INFINITY))
-        from hyperclone_dist.cli.main import main
-
         kill = step.get("kill")
         if kill and "event" in kill:
             sys.addaudithook(_audit_hook(kill, os.getpid()))
-        status = main(step["run"])
+        status = ENTRIES[step.get("entry", "hyperclone")](step["run"])
     except SystemExit as exit_:  # argparse
         status = exit_.code if isinstance(exit_.code, int) else 2
-    except BaseException:  # noqa: BLE001 - the report shows it: a traceback is what the tests look for
+    except BaseException:
         import traceback
 
         traceback.print_exc()
@@ -134,16 +147,53 @@ def _child(step: dict, log: Path) -> None:
         os._exit(status)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_ranks(step: dict, log: Path) -> None:
+    """In the launcher fork: the ranks of one job, each a fork with torchrun's environment; exits with the
+    first failure's status (a signal as 128 + its number) once every rank is done (never returns)."""
+    nproc, port = step["nproc"], _free_port()
+    ranks = {}
+    for rank in range(nproc):
+        pid = os.fork()
+        if pid == 0:
+            _redirect(Path(f"{log}.rank{rank}"))
+            os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                              LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            _run_entry(step)
+        ranks[pid] = rank
+    failure = 0
+    while ranks:
+        pid, status = os.wait()
+        ranks.pop(pid, None)
+        code = os.waitstatus_to_exitcode(status)
+        if code and not failure:
+            failure = code if code > 0 else 128 - code
+            for other in ranks:  # as torchrun: one rank failed, the job is over
+                os.kill(other, signal.SIGKILL)
+    os._exit(failure)
+
+
+def _read(path: str) -> str:
+    return Path(path).read_text(errors="replace") if Path(path).is_file() else ""
+
+
 def _record(step: dict, pid: int, status: int, start: float, plan: dict, log: Path) -> dict:
-    try:
-        os.killpg(pid, signal.SIGKILL)  # forked shard writers of a killed run, if any outlived it
-    except ProcessLookupError:
-        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)  # processes a killed run forked, if any outlived it
     out, src = Path(plan.get("out", "/nonexistent/out")), Path(plan.get("src", "/nonexistent/src"))
+    nproc = step.get("nproc", 1)
+    ranks = [{"rank": r, "stdout": _read(f"{log}.rank{r}.stdout"), "stderr": _read(f"{log}.rank{r}.stderr")}
+             for r in range(nproc)] if nproc > 1 else []
+    stdout = "".join(r["stdout"] for r in ranks) if ranks else _read(f"{log}.stdout")
+    stderr = "".join(r["stderr"] for r in ranks) if ranks else _read(f"{log}.stderr")
     return {"name": step.get("name"), "pid": pid, "argv": step["run"], "kill": step.get("kill"),
             "status": os.waitstatus_to_exitcode(status), "seconds": time.monotonic() - start,
-            "stdout": Path(f"{log}.stdout").read_text(errors="replace"),
-            "stderr": Path(f"{log}.stderr").read_text(errors="replace"),
+            "stdout": stdout, "stderr": stderr, "ranks": ranks,
             "beside_out": sorted(os.listdir(out.parent)) if out.parent.is_dir() else [],
             "partial_files": sorted(str(f.relative_to(out.parent)) for f in out.parent.glob(".*.partial-*/**/*")
                                     if f.is_file()),
@@ -151,23 +201,52 @@ def _record(step: dict, pid: int, status: int, start: float, plan: dict, log: Pa
             "src": digests(src)}
 
 
+def _wait(pid: int, timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            os.killpg(pid, signal.SIGKILL)
+            return os.waitpid(pid, 0)[1]
+        time.sleep(0.01)
+
+
+def _start(step: dict, log: Path) -> int:
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)
+        _redirect(log)
+        if step.get("nproc", 1) > 1:
+            _launch_ranks(step, log)
+        _run_entry(step)
+    return pid
+
+
 FS_OPS = {"rmtree": shutil.rmtree, "move": os.replace, "copytree": shutil.copytree, "truncate": os.truncate,
           "unlink": os.unlink}
 
 
-def main() -> None:
-    plan = json.loads(Path(sys.argv[1]).read_text())
-    # imported once, before the forks: what the commands would import (much of it lazily) in each child
+def _load_entries() -> None:
+    """What the runs would import (much of it lazily) in each child, imported once, before the forks."""
+    import deepspeed  # noqa: F401
     import megatron.core.dist_checkpointing
     import megatron.core.parallel_state  # noqa: F401
     import torch  # noqa: F401
+    import transformers  # noqa: F401
 
-    import hyperclone_dist.cli.main
-    import hyperclone_dist.megatron.convert
-    import hyperclone_dist.megatron.export
-    import hyperclone_dist.megatron.torch_dist_serial
-    import hyperclone_dist.megatron.verify  # noqa: F401
+    from hyperclone_dist.cli.main import main as hyperclone
 
+    spec = importlib.util.spec_from_file_location("pretrain_launch", REPO / "launch" / "pretrain.py")
+    pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain)  # definitions only: the job itself sits behind __main__
+    ENTRIES.update(hyperclone=hyperclone, pretrain=pretrain.main)
+
+
+def main() -> None:
+    plan = json.loads(Path(sys.argv[1]).read_text())
+    _load_entries()
     report, stopped = [], {}
     for k, step in enumerate(plan["steps"]):
         if "fs" in step:
@@ -184,9 +263,7 @@ def main() -> None:
             continue
         log = Path(plan["logs"]) / f"step{k}"
         start = time.monotonic()
-        pid = os.fork()
-        if pid == 0:
-            _child(step, log)
+        pid = _start(step, log)
         kill = step.get("kill") or {}
         if step.get("background"):  # stopped by its kill SPEC; a later step continues it
             _, status = os.waitpid(pid, os.WUNTRACED)
@@ -195,15 +272,17 @@ def main() -> None:
             else:  # it never reached the point
                 report.append(_record(step, pid, status, start, plan, log))
             continue
+        status = None
         if "after_glob" in kill:
-            while not glob.glob(kill["after_glob"]) and os.waitpid(pid, os.WNOHANG) == (0, 0):
+            while status is None and not glob.glob(kill["after_glob"]):
+                done, polled = os.waitpid(pid, os.WNOHANG)
+                status = polled if done else None
                 time.sleep(0.002)
-            time.sleep(kill["delay_s"])
-            try:
+            if status is None:
+                time.sleep(kill["delay_s"])
                 os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:  # finished first
-                pass
-        _, status = os.waitpid(pid, 0)
+        if status is None:
+            status = _wait(pid, step.get("timeout_s", STEP_TIMEOUT_S))
         report.append(_record(step, pid, status, start, plan, log))
     Path(sys.argv[2]).write_text(json.dumps(report, indent=1))
 

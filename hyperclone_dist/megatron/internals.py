@@ -1,0 +1,191 @@
+"""Every private PyTorch, megatron-core and DeepSpeed internal this project touches, in one place, for the
+versions it was written for (``WRITTEN_FOR``; the first use checks them and that each internal is there).
+
+Why each is needed:
+- megatron-core's torch_dist save strategy writes through processes it forks, via the page cache; the
+  converter writes the same bytes in-process (distcp_writer.py) by replacing the strategy's write step
+  (``_get_save_and_finalize_callbacks``) and calling PyTorch DCP's ``_write_item`` itself;
+- megatron keeps its write results in a module-level queue (``filesystem_async._results_queue``), a
+  multiprocessing Manager by default: replaced by an in-process queue, or by a Manager that dies with its
+  owner (writer_queue.py);
+- one process playing every rank (torch_dist_serial.py) needs a process group whose collectives do nothing
+  (PyTorch's test-only ``FakeStore``) and DCP's coordinator gather limited to its own plan (``_DistWrapper``);
+- DeepSpeed links its per-parameter optimizer-state views lazily (``_lazy_init_hp_params_optimizer_state``),
+  which grown optimizer state must trigger before the first step (train/moments.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import queue
+from collections.abc import Callable
+from importlib import metadata
+
+from hyperclone_dist.errors import HypercloneError
+
+# package: (lowest version, first version not supported)
+WRITTEN_FOR = {"torch": ((2, 6), (3, 0)), "megatron-core": ((0, 16), (0, 17)), "deepspeed": ((0, 17), (1, 0))}
+
+
+def _version(package: str) -> tuple[int, int]:
+    text = metadata.version(package)
+    major, minor = (int("".join(c for c in part if c.isdigit()) or 0) for part in text.split(".")[:2])
+    return major, minor
+
+
+@functools.cache
+def require_versions() -> None:
+    """Refuse, in one line, versions these internals were not written for (checked once per process)."""
+    for package, (low, high) in WRITTEN_FOR.items():
+        found = _version(package)
+        if not low <= found < high:
+            raise HypercloneError(
+                f"{package} {metadata.version(package)} is installed; hyperclone_dist/megatron/internals.py was "
+                f"written for {package} >= {'.'.join(map(str, low))}, < {'.'.join(map(str, high))} "
+                "(install configs/constraints.txt)")
+
+
+def _missing(what: str) -> HypercloneError:
+    return HypercloneError(f"{what} is gone from the installed version; hyperclone_dist/megatron/internals.py "
+                           f"needs updating for it")
+
+
+# ---- megatron-core torch_dist saving ------------------------------------------------------------------
+def save_strategy(make_request: Callable) -> object:
+    """megatron's ``TorchDistSaveShardedStrategy`` (one writer thread) whose write step is
+    ``make_request(strategy, writer, save_state_dict_ret) -> (save_fn or None, [finalize_fn, ...])``: planning,
+    tensor copies and megatron's finalisation are megatron's own."""
+    require_versions()
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    if not hasattr(TorchDistSaveShardedStrategy, "_get_save_and_finalize_callbacks"):
+        raise _missing("megatron-core TorchDistSaveShardedStrategy._get_save_and_finalize_callbacks")
+
+    class Strategy(TorchDistSaveShardedStrategy):
+        def __init__(self):
+            super().__init__("torch_dist", 1, thread_count=1)
+
+        def _get_save_and_finalize_callbacks(self, writer, save_state_dict_ret):
+            save, finalize = make_request(self, writer, save_state_dict_ret)
+            return AsyncRequest(save, (), finalize)
+
+    return Strategy()
+
+
+def local_plan(strategy) -> object:
+    """The rank's DCP save plan, as the strategy cached it while planning."""
+    return strategy.cached_local_plan
+
+
+def write_buckets(writer) -> list:
+    """What megatron's async writer would write: [(path, storage key, (bytes items, tensor items))]."""
+    return writer.write_buckets or []
+
+
+def writer_transforms(writer) -> list:
+    """The leading argument megatron passes to DCP's ``_write_item`` for ``writer`` (its stream transforms)."""
+    return [writer.transforms] if hasattr(writer, "transforms") else []
+
+
+def report_write_results(writer, results: list) -> None:
+    """Hand the rank's write results to megatron's finalisation (what its writer processes would put)."""
+    if writer.results_queue is not None:  # retrieve_write_results reads {writer k: results}
+        writer.results_queue.put({0: results})
+
+
+def finalize_save(save_state_dict_ret) -> None:
+    from megatron.core.dist_checkpointing.strategies.state_dict_saver import save_state_dict_async_finalize
+
+    save_state_dict_async_finalize(*save_state_dict_ret)
+
+
+def write_item(transforms: list, stream, data, item, storage_key: str):
+    """PyTorch DCP's own writing of one saved item into ``stream`` (so every chunk has DCP's bytes)."""
+    from torch.distributed.checkpoint import filesystem
+
+    if not hasattr(filesystem, "_write_item"):
+        raise _missing("torch.distributed.checkpoint.filesystem._write_item")
+    return filesystem._write_item(*transforms, stream, data, item, storage_key,
+                                  serialization_format=filesystem.SerializationFormat.TORCH_SAVE)
+
+
+def write_global_metadata(iteration_dir, plans: list, results: list):
+    """What the coordinator of a real job writes last: ``.metadata``, from every rank's plan and results."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
+
+    planner = MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False)
+    _, global_metadata = planner.create_global_plan(plans)
+    global_metadata.all_local_plans = plans
+    FileSystemWriterAsync(str(iteration_dir)).finish(global_metadata, results)
+    return global_metadata
+
+
+def _filesystem_async():
+    require_versions()
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not hasattr(filesystem_async, "_results_queue"):
+        raise _missing("megatron-core filesystem_async._results_queue")
+    return filesystem_async
+
+
+def results_queue_is_set() -> bool:
+    return _filesystem_async()._results_queue is not None
+
+
+def set_results_queue(results) -> None:
+    """The queue megatron's torch_dist writer collects its write results through."""
+    _filesystem_async()._results_queue = results
+
+
+@contextlib.contextmanager
+def in_process_results_queue():
+    """No multiprocessing Manager for megatron's write results: nothing here runs in another process."""
+    module = _filesystem_async()
+    before = module._results_queue
+    module._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        module._results_queue = before
+
+
+# ---- one process as every rank --------------------------------------------------------------------------
+def fake_store():
+    """A store for ``init_process_group("fake")``: collectives that do nothing (PyTorch's test utility)."""
+    require_versions()
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    return FakeStore()
+
+
+@contextlib.contextmanager
+def coordinator_sees_only_itself():
+    """DCP's coordinator gather of local plans becomes [its own plan]."""
+    from torch.distributed.checkpoint.utils import _DistWrapper
+
+    original = _DistWrapper.gather_object
+    _DistWrapper.gather_object = lambda self, obj: [obj] if self.is_coordinator else None
+    try:
+        yield
+    finally:
+        _DistWrapper.gather_object = original
+
+
+# ---- DeepSpeed optimizer state --------------------------------------------------------------------------
+def links_state_lazily(optimizer) -> bool:
+    """A ZeRO optimizer whose per-parameter state views are linked on demand."""
+    return hasattr(optimizer, "_lazy_init_hp_params_optimizer_state")
+
+
+def relink_optimizer_state(engine) -> None:
+    """Point DeepSpeed's per-parameter views at the optimizer's current state tensors (a checkpoint load
+    replaces those tensors and leaves the views unset)."""
+    optimizer = engine.optimizer
+    if links_state_lazily(optimizer):
+        require_versions()
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
