@@ -1,7 +1,8 @@
-"""Real pretraining jobs for the acceptance tests (tests/test_pretrain_layouts.py): launch
-``launch/pretrain.py`` under torchrun or the deepspeed launcher, several jobs at once within a process
-budget, read back their ``metrics.jsonl``, and compute reference losses independently of the trainer
-(the trainer's own datasets rebuilt with ``build_datasets``, the model run through Hugging Face)."""
+"""Real pretraining jobs for the acceptance tests (tests/test_pretrain_layouts.py): ``launch/pretrain.py``
+forked from one warm process (tests/warm.py: each job's ranks a gloo group, as torchrun makes them) or
+started by torchrun or the deepspeed launcher themselves; read back their ``metrics.jsonl``, and compute
+reference losses independently of the trainer (the trainer's own datasets rebuilt with
+``build_datasets``, the model run through Hugging Face)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from warm import WORKER, failure_text
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -53,14 +55,22 @@ class Job:
     nproc: int
     flags: list[str]  # pretrain.py flags; --metrics-file is added
     out: Path  # this job's log and metrics
-    launcher: str = "torchrun"  # or "deepspeed"
+    launcher: str = "warm"  # forked from the warm process; or "torchrun", "deepspeed": the real launchers
 
     @property
     def metrics_file(self) -> Path:
         return self.out / "metrics.jsonl"
 
+    @property
+    def argv(self) -> list[str]:
+        return [*map(str, self.flags), "--metrics-file", str(self.metrics_file)]
+
+    def warm_step(self) -> dict:
+        return {"name": self.name, "entry": "pretrain", "run": self.argv, "nproc": self.nproc,
+                "timeout_s": JOB_TIMEOUT_S}
+
     def command(self) -> list[str]:
-        flags = [*self.flags, "--metrics-file", str(self.metrics_file)]
+        flags = self.argv
         if self.launcher == "deepspeed":
             return [str(BIN / "deepspeed"), "--num_gpus", str(self.nproc), "--master_port", str(free_port()),
                     PRETRAIN, *flags]
@@ -103,11 +113,14 @@ def read_metrics(path: Path) -> dict[int, dict]:
 
 
 def run_jobs(jobs: list[Job], max_procs: int = MAX_PROCS, timeout_s: float = JOB_TIMEOUT_S) -> dict[str, Result]:
-    """Run the jobs, several at once while their processes fit in ``max_procs`` (largest first); each in
-    its own session so that a timed-out job's whole process tree is killed by its group id."""
-    pending = sorted(jobs, key=lambda j: -j.nproc)
+    """Run the jobs: the warm ones in order by one warm worker, the real-launcher ones beside it, several at
+    once while their processes fit in ``max_procs`` (largest first); each real job in its own session so
+    that a timed-out job's whole process tree is killed by its group id."""
+    warm = [job for job in jobs if job.launcher == "warm"]
+    pending = sorted((job for job in jobs if job.launcher != "warm"), key=lambda j: -j.nproc)
     running: dict[str, tuple[Job, subprocess.Popen, float]] = {}
     results: dict[str, Result] = {}
+    worker = _start_warm(warm) if warm else None
     try:
         while pending or running:
             used = sum(j.nproc for j, _, _ in running.values())
@@ -131,23 +144,52 @@ def run_jobs(jobs: list[Job], max_procs: int = MAX_PROCS, timeout_s: float = JOB
                     results[name] = Result(job, proc.returncode, elapsed, timed_out, read_metrics(job.metrics_file))
                     print(f"[job] {name}: {job.nproc} processes, exit {proc.returncode}, {elapsed:.1f} s")
                     del running[name]
+        if worker is not None:
+            results.update(_finish_warm(warm, *worker, timeout_s * len(warm)))
     finally:  # an interrupted test run leaves no job behind
         for _, proc, _ in running.values():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        if worker is not None and worker[0].poll() is None:
+            os.killpg(worker[0].pid, signal.SIGKILL)
+            worker[0].wait()
+    return results
+
+
+def _start_warm(jobs: list[Job]) -> tuple[subprocess.Popen, Path]:
+    root = jobs[0].out.parent / f".warm-{jobs[0].name}"
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    for job in jobs:
+        job.out.mkdir(parents=True, exist_ok=True)
+    (root / "plan.json").write_text(json.dumps({"logs": str(root / "logs"), "steps": [j.warm_step() for j in jobs]}))
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(root / "plan.json"), str(root / "report.json")],
+                            cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    return proc, root
+
+
+def _finish_warm(jobs: list[Job], proc: subprocess.Popen, root: Path, timeout_s: float) -> dict[str, Result]:
+    output, _ = proc.communicate(timeout=timeout_s)
+    assert proc.returncode == 0, output[-4000:]
+    report = {run["name"]: run for run in json.loads((root / "report.json").read_text())}
+    results = {}
+    for job in jobs:
+        run = report[job.name]
+        (job.out / "log.txt").write_text(run["stdout"] + run["stderr"])
+        results[job.name] = Result(job, run["status"], run["seconds"], False, read_metrics(job.metrics_file))
+        print(f"[job] {job.name}: {job.nproc} forked ranks, exit {run['status']}, {run['seconds']:.1f} s")
+        if run["status"]:
+            print(failure_text(run, 1500))
     return results
 
 
 def run_sharing_data(jobs: list[Job], train_iters: int) -> dict[str, Result]:
-    """Run jobs that read the same samples: the first alone if the default corpus is still to be
-    tokenized, the dataset index cache written once here, then the others concurrently (concurrent
-    jobs would otherwise race to write the same cache files)."""
-    results: dict[str, Result] = {}
-    if not corpus_ready():
-        results, jobs = run_jobs(jobs[:1]), jobs[1:]
+    """Run jobs that read the same samples, once the default corpus is tokenized and the dataset index cache
+    of ``train_iters`` steps written here (concurrent jobs would otherwise race to write the same files)."""
+    ensure_default_corpus()
     first_batches(train_iters)
-    return {**results, **run_jobs(jobs)}
+    return run_jobs(jobs)
 
 
 def rel(a: float, b: float) -> float:
@@ -171,13 +213,16 @@ def zero_stage(tag_dir: Path) -> int:
 # ---- references computed without the trainer ---------------------------------------------------------
 def default_corpus() -> tuple[Path, Path]:
     """(prefix, tokenizer) of the embedded corpus the trainer tokenizes for a 512-piece vocabulary."""
-    root = Path(os.environ["HYPERCLONE_CACHE"]) / "default-corpus-v512"
-    return root / "stdlib", root / "stdlib.model"
+    from hyperclone_dist.train.data_feed import default_corpus as trainer_corpus
+
+    return trainer_corpus(Path(os.environ["HYPERCLONE_CACHE"]), 512, build=False)
 
 
-def corpus_ready() -> bool:
-    prefix, model = default_corpus()
-    return Path(f"{prefix}.idx").is_file() and model.is_file()
+def ensure_default_corpus() -> None:
+    """Tokenize the embedded corpus as the trainer's rank 0 would, if no earlier run has."""
+    from hyperclone_dist.train.data_feed import default_corpus as trainer_corpus
+
+    trainer_corpus(Path(os.environ["HYPERCLONE_CACHE"]), 512)
 
 
 def first_batches(train_iters: int) -> dict[str, dict[str, torch.Tensor]]:

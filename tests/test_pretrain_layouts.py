@@ -1,15 +1,17 @@
 """Pretraining acceptance: real ``launch/pretrain.py`` jobs (gloo, float32) on the built-in model grown x2.
 
-- every layout (TP, PP, interleaved PP, ZeRO-1/2 data parallel, torchrun or the deepspeed launcher) trains
-  like one process: the same loss and gradient norm at each of 20 steps, and the loss falls;
+- every layout (TP, PP, interleaved PP, ZeRO-1/2 data parallel) trains like one process: the same loss and
+  gradient norm at each of 20 steps, and the loss falls; one job of them is started by torchrun and one by
+  the deepspeed launcher, the others are forked from one warm process (tests/warm.py), their ranks a gloo
+  group with torchrun's environment, so the matrix pays the imports once;
 - a ``--clone-from`` run's first loss is the small model's own loss on that batch (HF, no trainer code);
 - a run stopped at step 10 and resumed writes steps 11-20 bit for bit as the run that never stopped;
 - ``hyperclone export`` of the trained checkpoint gives, through transformers, the trainer's valid loss.
 
     .venv/bin/python -m pytest tests/test_pretrain_layouts.py -x -q -s   # -s prints the measured differences
 
-Jobs that do not depend on each other run concurrently (tests/pretrain_helpers.py), and the
-TP2xPP2 run serves all four tests.
+The real launchers' jobs run beside the warm ones (tests/pretrain_helpers.py), and the TP2xPP2 run serves
+all four tests.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from pretrain_helpers import (
     hf_loss,
     max_rel,
     rel,
-    run_jobs,
     run_sharing_data,
     schedule_flags,
     zero_stage,
@@ -44,18 +45,24 @@ LAYOUT_TOL = 1e-4  # relative, every step, against one process
 CLONE_TOL = 1e-5  # relative, first loss against the small model
 
 LAYOUTS = {  # name: (processes, flags, launcher, what the job must report as "tp= pp= dp=")
-    "tp1-pp1": (1, [], "torchrun", "tp=1 pp=1 dp=1"),
-    "tp2": (2, ["--tp", "2"], "torchrun", "tp=2 pp=1 dp=1"),
+    "tp1-pp1": (1, [], "warm", "tp=1 pp=1 dp=1"),
+    "tp2": (2, ["--tp", "2"], "warm", "tp=2 pp=1 dp=1"),
     "pp2": (2, ["--pp", "2"], "torchrun", "tp=1 pp=2 dp=1"),
-    "dp2-zero1": (2, ["--deepspeed_config", ZERO1], "torchrun", "tp=1 pp=1 dp=2"),
-    "tp2-dp2-zero2": (4, ["--tp", "2", "--deepspeed_config", ZERO2], "torchrun", "tp=2 pp=1 dp=2"),
-    "tp2-pp2": (4, ["--tp", "2", "--pp", "2"], "torchrun", "tp=2 pp=2 dp=1"),
-    "pp2-vpp2-dp2": (4, ["--pp", "2", "--vpp", "2"], "torchrun", "tp=1 pp=2 dp=2 vpp=2"),
-    "tp2-pp2-zero1-deepspeed": (4, ["--tp", "2", "--pp", "2", "--deepspeed_config", ZERO1], "deepspeed",
-                                "tp=2 pp=2 dp=1"),
+    "dp2-zero1": (2, ["--deepspeed_config", ZERO1], "warm", "tp=1 pp=1 dp=2"),
+    "tp2-dp2-zero2": (4, ["--tp", "2", "--deepspeed_config", ZERO2], "warm", "tp=2 pp=1 dp=2"),
+    "tp2-pp2": (4, ["--tp", "2", "--pp", "2"], "warm", "tp=2 pp=2 dp=1"),
+    "pp2-vpp2-dp2": (4, ["--pp", "2", "--vpp", "2"], "warm", "tp=1 pp=2 dp=2 vpp=2"),
+    "tp2-zero1-deepspeed": (2, ["--tp", "2", "--deepspeed_config", ZERO1], "deepspeed", "tp=2 pp=1 dp=1"),
 }
 REFERENCE = "tp1-pp1"
 SAVED = "tp2-pp2"  # also: the noisy clone's first loss, the uninterrupted run for resume, the export
+CLONES = {  # name: growth flags of a one-step TP2xPP2 run; None: the 20-step tp2-pp2 layout run (noisy)
+    "noisy": None,
+    "symmetric": ["--width-factor", "2", "--method", "symmetric"],
+    "noisy-insert-every-2": ["--width-factor", "2", "--method", "noisy", "--insert-layers", "every:2"],
+}
+RESUMED = {"tp2-pp2": 1, "tp2-dp2-zero2": 2}  # layout: the ZeRO stage its optimizer checkpoint must record
+STOP = 10
 
 
 def layout_job(name: str, root: Path, small: Path, *extra: str, growth: list[str] = GROW,
@@ -71,11 +78,27 @@ def small(builtin_small_pt: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def layout_runs(small, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("layouts")
+def runs(small, tmp_path_factory) -> dict:
+    """Every job of this module: the layouts, the one-step clones, and the runs stopped and resumed (the
+    warm ones in this order, the real launchers' beside them)."""
+    root = tmp_path_factory.mktemp("pretrain")
     jobs = [layout_job(name, root / name, small, *(["--save", str(root / name / "ckpt")] if name == SAVED else []))
             for name in LAYOUTS]
+    jobs += [layout_job(SAVED, root / "clones" / name, small, growth=growth, train_iters=1, job_name=name)
+             for name, growth in CLONES.items() if growth is not None]
+
+    def resume_job(name: str, phase: str, *extra: str) -> Job:
+        return layout_job(name, root / "resume" / name / phase, small, "--save", str(root / "resume" / name / "ckpt"),
+                          *extra, job_name=f"{name}-{phase}")
+
+    jobs += [resume_job(name, "stop", "--exit-interval", str(STOP)) for name in RESUMED]
+    jobs += [resume_job(name, "resume", "--load", str(root / "resume" / name / "ckpt")) for name in RESUMED]
     return run_sharing_data(jobs, ITERS)
+
+
+@pytest.fixture(scope="module")
+def layout_runs(runs) -> dict:
+    return {name: runs[name] for name in LAYOUTS}
 
 
 def test_every_layout_trains_like_one_process(layout_runs):
@@ -97,18 +120,9 @@ def test_every_layout_trains_like_one_process(layout_runs):
     assert not bad, f"layouts off by more than {LAYOUT_TOL:g} relative: {bad}\n" + "\n".join(table)
 
 
-CLONES = {  # name: growth flags of a one-step TP2xPP2 run; None: the 20-step tp2-pp2 layout run (noisy)
-    "noisy": None,
-    "symmetric": ["--width-factor", "2", "--method", "symmetric"],
-    "noisy-insert-every-2": ["--width-factor", "2", "--method", "noisy", "--insert-layers", "every:2"],
-}
-
-
 @pytest.fixture(scope="module")
-def clone_runs(small, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("clones")
-    return run_sharing_data([layout_job(SAVED, root / name, small, growth=growth, train_iters=1, job_name=name)
-                             for name, growth in CLONES.items() if growth is not None], 1)
+def clone_runs(runs) -> dict:
+    return {name: runs[name] for name, growth in CLONES.items() if growth is not None}
 
 
 @pytest.mark.parametrize("variant", CLONES)
@@ -127,22 +141,9 @@ def test_clone_starts_at_the_small_models_loss(variant, small, clone_runs, reque
     assert f"hidden 128, layers {layers}," in (result.job.out / "log.txt").read_text(), result.log_tail()
 
 
-RESUMED = {"tp2-pp2": 1, "tp2-dp2-zero2": 2}  # layout: the ZeRO stage its optimizer checkpoint must record
-STOP = 10
-
-
 @pytest.fixture(scope="module")
-def resumed_runs(small, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("resume")
-
-    def job(name: str, phase: str, *extra: str) -> Job:
-        return layout_job(name, root / name / phase, small, "--save", str(root / name / "ckpt"), *extra,
-                          job_name=f"{name}-{phase}")
-
-    stops = run_sharing_data([job(name, "stop", "--exit-interval", str(STOP)) for name in RESUMED], ITERS)
-    resumes = run_jobs([job(name, "resume", "--load", str(root / name / "ckpt")) for name in RESUMED
-                        if stops[f"{name}-stop"].returncode == 0])
-    return {name: (stops[f"{name}-stop"], resumes.get(f"{name}-resume")) for name in RESUMED}
+def resumed_runs(runs) -> dict:
+    return {name: (runs[f"{name}-stop"], runs[f"{name}-resume"]) for name in RESUMED}
 
 
 @pytest.mark.parametrize("name", RESUMED)
