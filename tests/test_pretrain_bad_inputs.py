@@ -1,10 +1,11 @@
 """Bad input to ``launch/pretrain.py``: a non-zero exit (2 for one process), exactly one line
 ``pretrain.py: error: ...`` naming the problem, no traceback from the trainer, and no hang.
 
-Most cases run one plain process (``python launch/pretrain.py``, a world of one rank): the argument,
-model-shape, source, data and DeepSpeed checks all fire before the first step, so each takes a few
-seconds. The cases that need several ranks (the world size, data parallelism, a pipeline, a checkpoint
-written at another layout) run under ``torchrun --standalone``, whose own report of the failed child is
+Most cases run one process (a world of one rank): the argument, model-shape, source, data and DeepSpeed
+checks all fire before the first step. The cases that need several ranks (the world size, data
+parallelism, a pipeline, a checkpoint written at another layout) run as a gloo job of several: every rank
+finds the problem, one rank says it. Each case is a fresh process forked from one warm process
+(tests/warm.py); one runs under ``torchrun --standalone`` itself, whose own report of the failed child is
 filtered out: only lines starting with ``pretrain.py:`` are the trainer's.
 """
 
@@ -22,13 +23,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from warm import run_warm
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "launch" / "pretrain.py"
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 BAD_INPUT = 2
-ONE_PROCESS_TIMEOUT = 180  # seconds; a failing start takes a few, more on a loaded 2-core box
 TORCHRUN_TIMEOUT = 360
 CORPUS_BYTES = 200_000  # of the default corpus: enough documents for a few 32-token steps
 # trainer frames in a traceback; torchrun's own "ChildFailedError" traceback names only torch's files
@@ -49,10 +50,6 @@ def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
         stdout, stderr = proc.communicate()
         pytest.fail(f"hung for {timeout} s: {shlex.join(cmd)}\n{stderr[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-
-
-def pretrain(*args: str | Path) -> subprocess.CompletedProcess:
-    return _run([sys.executable, str(PRETRAIN), *map(str, args)], ONE_PROCESS_TIMEOUT)
 
 
 def torchrun(nproc: int, *args: str | Path) -> subprocess.CompletedProcess:
@@ -146,7 +143,7 @@ def flags(inputs: dict[str, Path], tmp_path: Path, *extra: str) -> list[str]:
     return base + [arg.format(root=inputs["root"]) for arg in extra]
 
 
-# ---- one process --------------------------------------------------------------------------------
+# ---- the cases ------------------------------------------------------------------------------------
 SINGLE_PROCESS_CASES = {  # id: (flags appended to a valid run, what the error line must name)
     "clone-from-missing": (["--clone-from", "{root}/no-such.pt"], ["{root}/no-such.pt"]),
     "clone-from-parallel-residual": (["--clone-from", "{root}/neox"], ["gpt_neox", "parallel residual"]),
@@ -167,68 +164,76 @@ SINGLE_PROCESS_CASES = {  # id: (flags appended to a valid run, what the error l
     "heads-by-tp": (["--tp", "3"], ["attention heads (8)", "tp=3", "--tp in {{1, 2, 4, 8}}"]),
     "layers-by-pp": (["--pp", "3"], ["layers (4)", "pp x vpp = 3 x 1 = 3", "--pp in {{1, 2, 4}}"]),
     "layers-by-pp-vpp": (["--pp", "2", "--vpp", "3"], ["layers (4)", "pp x vpp = 2 x 3 = 6", "--vpp in {{2}}"]),
+    "small-pt-with-code": (["--clone-from", "{root}/evil.pt"], ["{root}/evil.pt", "nothing in it was executed"]),
+}
+SEVERAL_RANK_CASES = {  # id: (ranks, flags appended to a valid run, what the error line must name)
+    "global-batch-by-micro-times-dp": (2, ["--global-batch-size", "6"],  # 2 ranks, tp=pp=1: dp=2
+                                       ["global batch 6", "micro batch 2", "data-parallel size 2"]),
+    "zero2-with-pipeline": (2, ["--pp", "2", "--deepspeed_config", "{root}/zero2.json"], ["ZeRO-2", "pp > 1"]),
+    # the checkpoint holds the x2 clone (hidden 128) at TP2 x DP1; resuming it at TP1 x DP2 cannot reuse
+    # DeepSpeed's partitions, and resuming it as a x3 clone (hidden 192) must not silently train x2
+    "resume-at-another-layout": (2, ["--tp", "1", "--train-iters", "4", "--load", "{saved}"],
+                                 ["{saved}", r"re:tp\W{{0,4}}2", r"re:dp\W{{0,4}}1", r"re:tp\W{{0,4}}1",
+                                  r"re:dp\W{{0,4}}2"]),
+    "resume-as-another-shape": (2, ["--width-factor", "3", "--tp", "2", "--train-iters", "4", "--load", "{saved}"],
+                                ["{saved}", "128", "192"]),
 }
 
 
+@pytest.fixture(scope="module")
+def runs(inputs, tmp_path_factory) -> dict:
+    """Every case, in one warm worker, after the TP2 x PP1 training checkpoint the resume cases read (the x2
+    clone, stopped after step 2 of 4)."""
+    root = tmp_path_factory.mktemp("cases")
+    saved = root / "saved" / "ckpt"
+    steps = [{"name": "checkpoint", "entry": "pretrain", "nproc": 2,
+              "run": flags(inputs, root / "saved", "--tp", "2", "--train-iters", "4", "--exit-interval", "2",
+                           "--save", str(saved))}]
+    for case, (extra, _) in SINGLE_PROCESS_CASES.items():
+        steps.append({"name": case, "entry": "pretrain", "run": flags(inputs, root / case, *extra)})
+    for case, (nproc, extra, _) in SEVERAL_RANK_CASES.items():
+        steps.append({"name": case, "entry": "pretrain", "nproc": nproc,
+                      "run": flags(inputs, root / case, *(a.format(saved=saved, root="{root}") for a in extra))})
+    found = run_warm(steps, root / "warm", src=saved)  # each run's report hashes the checkpoint after it
+    assert found["checkpoint"]["status"] == 0, found["checkpoint"]["stderr"][-4000:]
+    assert (saved / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    return {"root": root, "saved": saved, **found}
+
+
+def completed(run: dict) -> subprocess.CompletedProcess:
+    return subprocess.CompletedProcess(run["argv"], run["status"], run["stdout"], run["stderr"])
+
+
 @pytest.mark.parametrize("case", list(SINGLE_PROCESS_CASES))
-def test_one_process_bad_input_is_one_line(inputs, tmp_path, case):
-    extra, names = SINGLE_PROCESS_CASES[case]
-    proc = pretrain(*flags(inputs, tmp_path, *extra))
-    assert_one_line_error(proc, *(name.format(root=inputs["root"]) for name in names))
-    assert not (tmp_path / "out").exists()  # a run that never started leaves no run directory
+def test_one_process_bad_input_is_one_line(inputs, runs, case):
+    _, names = SINGLE_PROCESS_CASES[case]
+    assert_one_line_error(completed(runs[case]), *(name.format(root=inputs["root"]) for name in names))
+    assert not (runs["root"] / case / "out").exists()  # a run that never started leaves no run directory
 
 
-def test_small_pt_with_code_is_not_executed(inputs, tmp_path):
+def test_small_pt_with_code_is_not_executed(inputs, runs):
     marker, evil = inputs["root"] / "code-ran", inputs["root"] / "evil.pt"
-    proc = pretrain(*flags(inputs, tmp_path, "--clone-from", str(evil)))
-    assert_one_line_error(proc, str(evil), "nothing in it was executed")
-    assert not marker.exists()
+    assert runs["small-pt-with-code"]["status"] == BAD_INPUT and not marker.exists()
     torch.load(evil, weights_only=False)  # the refusal means something only if the payload is live
     assert marker.exists()
     marker.unlink()
 
 
-# ---- several ranks ------------------------------------------------------------------------------
-def test_world_size_not_divisible_by_tp_pp(inputs, tmp_path):
+@pytest.mark.parametrize("case", list(SEVERAL_RANK_CASES))
+def test_several_ranks_bad_input_is_one_line_from_one_rank(inputs, runs, case):
+    """Every rank finds the problem; rank 0 alone prints it, and every rank exits 2."""
+    _, _, names = SEVERAL_RANK_CASES[case]
+    names = [n.format(saved=runs["saved"], root=inputs["root"]) for n in names]
+    line = assert_one_line_error(completed(runs[case]), *(n for n in names if not n.startswith("re:")))
+    for pattern in (n[3:] for n in names if n.startswith("re:")):
+        assert re.search(pattern, line, re.IGNORECASE), f"{pattern} not in: {line}"
+    assert all(not rank["stderr"].strip() for rank in runs[case]["ranks"][1:]), runs[case]["ranks"]
+    assert not (runs["root"] / case / "out").exists()
+    if "{saved}" in SEVERAL_RANK_CASES[case][1]:  # a refused resume leaves the checkpoint byte for byte
+        assert runs[case]["src"] == runs["checkpoint"]["src"] and runs["checkpoint"]["src"]
+
+
+def test_world_size_not_divisible_by_tp_pp_under_torchrun(inputs, tmp_path):
+    """torchrun itself: 3 ranks for tp=2; the job fails with a rank's exit status 2 and one line from rank 0."""
     proc = torchrun(3, *flags(inputs, tmp_path, "--tp", "2"))
     assert_one_line_error(proc, "world size 3", "tp x pp", "2", launcher=True)
-
-
-def test_global_batch_not_divisible_by_micro_batch_times_dp(inputs, tmp_path):
-    proc = torchrun(2, *flags(inputs, tmp_path, "--global-batch-size", "6"))  # 2 ranks, tp=pp=1: dp=2
-    assert_one_line_error(proc, "global batch 6", "micro batch 2", "data-parallel size 2", launcher=True)
-
-
-def test_zero2_with_pipeline_is_refused(inputs, tmp_path):
-    proc = torchrun(2, *flags(inputs, tmp_path, "--pp", "2", "--deepspeed_config", "{root}/zero2.json"))
-    assert_one_line_error(proc, "ZeRO-2", "pp > 1", launcher=True)
-
-
-@pytest.fixture(scope="module")
-def saved(inputs, tmp_path_factory) -> Path:
-    """A training checkpoint at TP2 x PP1 (2 ranks, dp=1) of the x2 clone, stopped after step 2 of 4."""
-    root = tmp_path_factory.mktemp("saved")
-    proc = torchrun(2, *flags(inputs, root, "--tp", "2", "--train-iters", "4", "--exit-interval", "2",
-                              "--save", str(root / "ckpt")))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert (root / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
-    return root / "ckpt"
-
-
-def test_resume_at_another_layout_names_both(inputs, saved, tmp_path):
-    before = sorted(p.name for p in saved.iterdir())
-    proc = torchrun(2, *flags(inputs, tmp_path, "--tp", "1", "--train-iters", "4", "--load", str(saved)))
-    line = assert_one_line_error(proc, str(saved), launcher=True)
-    for saved_or_now in (r"tp\W{0,4}2", r"dp\W{0,4}1", r"tp\W{0,4}1", r"dp\W{0,4}2"):  # TP2 x DP1, TP1 x DP2
-        assert re.search(saved_or_now, line, re.IGNORECASE), f"{saved_or_now} not in: {line}"
-    assert sorted(p.name for p in saved.iterdir()) == before
-    assert not (tmp_path / "out").exists()
-
-
-def test_resume_with_another_model_shape_is_refused(inputs, saved, tmp_path):
-    """The checkpoint holds the x2 clone (hidden 128); asking to resume it as a x3 clone (hidden 192) must
-    not silently train the checkpoint's shape instead."""
-    proc = torchrun(2, *flags(inputs, tmp_path, "--width-factor", "3", "--tp", "2", "--train-iters", "4",
-                              "--load", str(saved)))
-    assert_one_line_error(proc, str(saved), "128", "192", launcher=True)
-    assert not (tmp_path / "out").exists()
