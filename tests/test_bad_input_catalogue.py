@@ -14,9 +14,7 @@ dropped, so that ``chmod 555`` holds when the tests run as root), without a torc
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -26,6 +24,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from warm import pretrain_in_process
 
 from hyperclone_dist.checkpoint import lock
 
@@ -270,23 +269,12 @@ def test_sources_are_unchanged_by_every_case(runs, inputs, tiny_model_dirs):
 
 
 @pytest.mark.parametrize("case", list(PRETRAIN_CASES))
-def test_pretrain_refusal_before_any_process_group_is_one_line(case, inputs, monkeypatch, tmp_path):
-    sys.path.insert(0, str(REPO / "launch"))
-    try:
-        import pretrain
-    finally:
-        sys.path.remove(str(REPO / "launch"))
+def test_pretrain_refusal_before_any_process_group_is_one_line(case, inputs, tmp_path):
     extra, names = PRETRAIN_CASES[case]
     valid = ["--clone-from", str(inputs / "small.pt"), "--width-factor", "2", "--train-iters", "2",
              "--global-batch-size", "4", "--micro-batch-size", "2", "--seq-length", "32", "--no-progress"]
-    monkeypatch.setattr(sys, "argv", ["pretrain.py", *valid, *(a.format(r=inputs) for a in extra)])
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            status = pretrain.main()
-        except SystemExit as exit_:  # argparse and the argument checks
-            status = exit_.code
-    assert_one_line_error(status, stdout.getvalue(), stderr.getvalue(), names, "pretrain.py: error: ")
+    proc = pretrain_in_process(*valid, *(a.format(r=inputs) for a in extra))
+    assert_one_line_error(proc.returncode, proc.stdout, proc.stderr, names, "pretrain.py: error: ")
     assert not (tmp_path / "out").exists()
 
 

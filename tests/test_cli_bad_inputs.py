@@ -7,10 +7,8 @@ in this process, which yields the same exit status and stderr without paying the
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -24,10 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from warm import hyperclone_in_process
 
 from hyperclone_dist.builtin import BUILTIN, random_state_dict
 from hyperclone_dist.checkpoint import hf_writer, small_pt
-from hyperclone_dist.cli.main import main
 from hyperclone_dist.convert import convert
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.growth.spec import GrowthSpec
@@ -38,18 +36,6 @@ BAD_INPUT = 2  # the CLI's exit status for argparse errors and HypercloneError a
 def hyperclone(*args: str | Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "hyperclone_dist.cli.main", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-
-
-def hyperclone_here(*args: str | Path) -> subprocess.CompletedProcess:
-    """``hyperclone`` run through ``main()`` in this process, reported like a finished subprocess."""
-    argv = list(map(str, args))
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            status = main(argv)
-        except SystemExit as exit_:  # argparse
-            status = exit_.code
-    return subprocess.CompletedProcess(["hyperclone", *argv], status, stdout.getvalue(), stderr.getvalue())
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *names: str) -> str:
@@ -116,7 +102,7 @@ def test_factor_below_one_is_refused(models, tmp_path):
     proc = hyperclone("convert", models["llama"], "--out", tmp_path / "out", "--width-factor", "0")
     assert_one_line_error(proc, "width-factor", ">= 1", "got 0")
     for flag in ("--ffn-factor", "--stack"):
-        proc = hyperclone_here("convert", models["llama"], "--out", tmp_path / "out", flag, "0")
+        proc = hyperclone_in_process("convert", models["llama"], "--out", tmp_path / "out", flag, "0")
         assert_one_line_error(proc, flag.removeprefix("--"), ">= 1", "got 0")
     assert not (tmp_path / "out").exists()
 
@@ -127,7 +113,7 @@ def test_bad_insert_layers_spec_is_refused(models, tmp_path):
     # the small model has layers 0 and 1: 5 and -2 are out of range
     variants = [("every:0", "'every:0'"), ("5", "position 5"), ("-2", "position -2"), (",", "no position")]
     for spec, named in variants:
-        assert_one_line_error(hyperclone_here(*grow, spec), "--insert-layers", named)
+        assert_one_line_error(hyperclone_in_process(*grow, spec), "--insert-layers", named)
     assert not (tmp_path / "out").exists()
 
 
@@ -165,12 +151,12 @@ def test_corrupt_config_json_is_refused(models, tmp_path):
     assert_one_line_error(hyperclone("convert", broken, "--out", tmp_path / "out"), "config.json")
     for text in ("[16, 24]", "\xff\xfe not json"):
         (broken / "config.json").write_text(text, encoding="latin-1")
-        assert_one_line_error(hyperclone_here("inspect", broken), "config.json")
+        assert_one_line_error(hyperclone_in_process("inspect", broken), "config.json")
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("key, value, run", [("hidden_size", 20, hyperclone),
-                                             ("intermediate_size", 28, hyperclone_here)])
+                                             ("intermediate_size", 28, hyperclone_in_process)])
 def test_config_weights_mismatch_names_tensor_and_both_shapes(models, tmp_path, key, value, run):
     edited = variant(models["llama"], tmp_path / "edited")
     edit_config(edited, **{key: value})
@@ -237,8 +223,8 @@ def test_small_pt_with_code_is_not_executed(tmp_path):
     torch.save(payload, tmp_path / "small.pt")
     proc = hyperclone("convert", tmp_path / "small.pt", "--out", tmp_path / "out")
     assert_one_line_error(proc, "small.pt", "nothing in it was executed")
-    assert_one_line_error(hyperclone_here("inspect", tmp_path / "small.pt"), "small.pt")
-    assert_one_line_error(hyperclone_here("verify", tmp_path / "small.pt", tmp_path / "small.pt"), "small.pt")
+    assert_one_line_error(hyperclone_in_process("inspect", tmp_path / "small.pt"), "small.pt")
+    assert_one_line_error(hyperclone_in_process("verify", tmp_path / "small.pt", tmp_path / "small.pt"), "small.pt")
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
     _assert_payload_is_live(tmp_path / "small.pt", marker, legacy=False)
@@ -279,7 +265,7 @@ def test_out_equal_to_source_is_refused(models, tmp_path, monkeypatch):
     assert_one_line_error(proc, str(src), "would replace the source")
     monkeypatch.chdir(tmp_path)
     for spelling in ("model/", "model/../model", "."):  # the source itself, or a directory holding it
-        assert_one_line_error(hyperclone_here("convert", src, "--out", spelling, "--overwrite"),
+        assert_one_line_error(hyperclone_in_process("convert", src, "--out", spelling, "--overwrite"),
                               "would replace the source")
     assert tree_hashes(src) == before
 
@@ -297,7 +283,7 @@ def test_source_is_never_modified(models, tmp_path):
         ["--out", tmp_path / "other", "--insert-layers", "9"],  # past the last layer
     ]
     for args in failing:
-        assert hyperclone_here("convert", src, *args).returncode == BAD_INPUT
+        assert hyperclone_in_process("convert", src, *args).returncode == BAD_INPUT
     assert tree_hashes(src) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "small"]
 

@@ -245,21 +245,43 @@ def _ranks(torchrun_pid: int) -> dict[int, int]:
 
 
 def _left_alive(sessions: set[int], wait_s: float = 10.0) -> list[int]:
-    """Processes still in any of ``sessions`` (torchrun's, and each worker's own: torchrun starts every
-    rank in a new session, so what a rank spawned is found there), after up to ``wait_s`` of dying."""
+    """Live processes still in any of ``sessions`` (torchrun's, and each worker's own: torchrun starts every
+    rank in a new session, so what a rank spawned is found there), after up to ``wait_s`` of dying. A zombie
+    is dead already: it waits only for this machine's init to reap it, which may take a while under load."""
     deadline = time.monotonic() + wait_s
     while True:
         alive = []
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 try:
-                    if os.getsid(int(entry)) in sessions:
+                    if os.getsid(int(entry)) in sessions and _state(int(entry)) != "Z":
                         alive.append(int(entry))
                 except ProcessLookupError:
                     pass
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    """The process's state letter (/proc/PID/stat): R, S, D, Z..., or "" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def _describe(pids: list[int]) -> list[str]:
+    """pid, parent and command line of each process, for the failure message."""
+    out = []
+    for pid in pids:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+            ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+        except OSError:
+            cmd, ppid = "(gone)", "?"
+        out.append(f"{pid} (state {_state(pid)}, parent {ppid}): {cmd}")
+    return out
 
 
 def _metrics(path: Path) -> dict[int, dict]:
@@ -321,8 +343,8 @@ def test_sigkilled_rank_ends_the_job_and_load_resumes_bit_for_bit(tmp_path):
             os.killpg(job.pid, signal.SIGKILL)
     left = _left_alive({job.pid, *ranks.values()})  # megatron's writer Manager of rank 2 included
     print(f"\nkilled rank 2 (pid {ranks[2]}) {killed_at - start:.1f} s into the job; torchrun exited {status} "
-          f"{exit_s:.1f} s later; processes left: {left}")
-    assert status != 0 and exit_s < EXIT_BOUND_S and not left
+          f"{exit_s:.1f} s later; processes left: {_describe(left)}")
+    assert status != 0 and exit_s < EXIT_BOUND_S and not left, _describe(left)
     assert (ckpt / TRACKER).read_text().strip() == "2"  # the interrupted save was never marked complete
     killed = _metrics(tmp_path / "killed.jsonl")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from warm import hyperclone_in_process
 
 from hyperclone_dist.data.corpus import default_corpus_files, iter_documents, resolve_corpus
 from hyperclone_dist.data.loader import (
@@ -256,11 +257,6 @@ def test_torchrun_two_ranks_share_one_cache_and_see_the_same_samples(data, tmp_p
 # --- the hyperclone data CLI ------------------------------------------------------------------------------
 
 
-def hyperclone(*args) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "hyperclone_dist.cli.main", *map(str, args)]
-    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120, env=ENV, cwd=REPO)
-
-
 def assert_one_line_error(proc: subprocess.CompletedProcess, *names: str) -> str:
     """The contract of tests/test_cli_bad_inputs.py: exit 2, no stdout, one stderr line naming `names`."""
     lines = proc.stderr.splitlines()
@@ -280,34 +276,34 @@ def test_cli_bad_inputs_give_one_line_and_write_nothing(data, tmp_path):
     (tmp_path / "nokey.jsonl").write_text('{"text": "fine"}\n{"body": "x"}\n')
     (tmp_path / "half.bin").write_bytes(b"\0\0")
     out, ok, tok = tmp_path / "out" / "p", tmp_path / "ok.txt", data["tok"]
-    cases = [
-        (["data", "tokenizer", "--input", tmp_path / "missing.txt", "--out", out],
-         ["missing.txt", "does not exist"]),
-        (["data", "tokenizer", "--input", tmp_path / "empty.txt", "--out", out], ["empty.txt", "no text"]),
-        (["data", "tokenizer", "--input", tmp_path / "empty.jsonl", "--out", out],
-         ["empty.jsonl", "no text"]),
-        (["data", "prepare", "--input", ok, "--tokenizer", tmp_path / "none.model", "--out", out],
-         ["none.model", "does not exist"]),
-        (["data", "prepare", "--input", ok, "--tokenizer", tmp_path / "corrupt.model", "--out", out],
-         ["corrupt.model", "not a sentencepiece model"]),
-        (["data", "prepare", "--input", tmp_path / "nokey.jsonl", "--tokenizer", tok, "--out", out],
-         ["nokey.jsonl:2", "'text'", "body"]),
-        (["data", "inspect", tmp_path / "half"], ["half.idx is missing"]),
-        (["data", "tokenizer", "--input", ok, "--out", out, "--vocab-size", "100"],
-         ["--vocab-size 100"]),
-    ]
-    for args, names in cases:
-        assert_one_line_error(hyperclone(*args), *names)
+    cases = {
+        "missing input": (["data", "tokenizer", "--input", tmp_path / "missing.txt", "--out", out],
+                          ["missing.txt", "does not exist"]),
+        "empty text": (["data", "tokenizer", "--input", tmp_path / "empty.txt", "--out", out],
+                       ["empty.txt", "no text"]),
+        "empty jsonl": (["data", "tokenizer", "--input", tmp_path / "empty.jsonl", "--out", out],
+                        ["empty.jsonl", "no text"]),
+        "missing tokenizer": (["data", "prepare", "--input", ok, "--tokenizer", tmp_path / "none.model", "--out", out],
+                              ["none.model", "does not exist"]),
+        "corrupt tokenizer": (["data", "prepare", "--input", ok, "--tokenizer", tmp_path / "corrupt.model", "--out",
+                               out], ["corrupt.model", "not a sentencepiece model"]),
+        "jsonl without key": (["data", "prepare", "--input", tmp_path / "nokey.jsonl", "--tokenizer", tok, "--out",
+                               out], ["nokey.jsonl:2", "'text'", "body"]),
+        "half a dataset": (["data", "inspect", tmp_path / "half"], ["half.idx is missing"]),
+        "tiny vocab": (["data", "tokenizer", "--input", ok, "--out", out, "--vocab-size", "100"], ["--vocab-size 100"]),
+    }
+    for args, names in cases.values():
+        assert_one_line_error(hyperclone_in_process(*args), *names)
         assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), args
 
 
 def test_cli_commands_write_and_report(data, tmp_path):
     (tmp_path / "a.txt").write_text(SAMPLES[0] * 20)
-    proc = hyperclone("data", "tokenizer", "--input", tmp_path / "a.txt", "--out", tmp_path / "t",
-                      "--vocab-size", "300")
+    proc = hyperclone_in_process("data", "tokenizer", "--input", tmp_path / "a.txt", "--out", tmp_path / "t",
+                                 "--vocab-size", "300")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"wrote {tmp_path / 't.model'}: sentencepiece BPE, vocab 300")
-    proc = hyperclone("data", "inspect", data["words"], "--tokenizer", data["tok"])
+    proc = hyperclone_in_process("data", "inspect", data["words"], "--tokenizer", data["tok"])
     assert proc.returncode == 0, proc.stderr
     tokens = int(inspect_prefix(data["words"]).tokens)
     assert proc.stdout.strip().startswith(f"{data['words']}: 80 documents, {tokens} tokens (uint16)")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from warm import pretrain_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.parent for p in (REPO / "recipes").glob("*/train.json"))
@@ -18,8 +19,7 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
 def dry_run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "launch/pretrain.py", "--dry-run", *args], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=120)
+    return pretrain_in_process("--dry-run", *args)
 
 
 def test_every_recipe_is_checked():

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from warm import failure_text, run_warm
 
 from hyperclone_dist.train.symmetry_breaking import GradientNoise, NoiseHooks
 
@@ -21,10 +20,8 @@ COMMON = ["--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size"
           "--lr-decay-style", "constant", "--no-progress", "--no-save-moments"]
 
 
-def pretrain(*flags) -> None:
-    proc = subprocess.run([sys.executable, "launch/pretrain.py", *COMMON, *map(str, flags)], cwd=REPO, env=ENV,
-                          check=False, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+def pretrain(name: str, *flags) -> dict:
+    return {"name": name, "entry": "pretrain", "run": [*COMMON, *map(str, flags)]}
 
 
 def min_cosines(metrics: Path) -> dict[int, float]:
@@ -33,13 +30,15 @@ def min_cosines(metrics: Path) -> dict[int, float]:
 
 
 def test_noise_in_first_steps_breaks_a_symmetric_clone(tmp_path):
-    pretrain("--init", "random", "--model-config", "configs/models/llama-tiny.json", "--train-iters", "1",
-             "--save", tmp_path / "small")
     clone = ["--clone-from", tmp_path / "small", "--width-factor", "2", "--method", "symmetric",
              "--train-iters", "3", "--symmetry-interval", "1"]
-    pretrain(*clone, "--metrics-file", tmp_path / "plain.jsonl")
-    pretrain(*clone, "--symmetry-noise-steps", "2", "--symmetry-noise-scale", "1.0",
-             "--metrics-file", tmp_path / "noisy.jsonl")
+    runs = run_warm([pretrain("small", "--init", "random", "--model-config", "configs/models/llama-tiny.json",
+                              "--train-iters", "1", "--save", tmp_path / "small"),
+                     pretrain("plain", *clone, "--metrics-file", tmp_path / "plain.jsonl"),
+                     pretrain("noisy", *clone, "--symmetry-noise-steps", "2", "--symmetry-noise-scale", "1.0",
+                              "--metrics-file", tmp_path / "noisy.jsonl")], tmp_path / "warm")
+    for run in runs.values():
+        assert run["status"] == 0, failure_text(run)
     plain, noisy = min_cosines(tmp_path / "plain.jsonl"), min_cosines(tmp_path / "noisy.jsonl")
     assert set(plain) == set(noisy) == {1, 2, 3}
     assert min(plain.values()) > 1 - 1e-9, plain  # copies stay copies: the width is unused

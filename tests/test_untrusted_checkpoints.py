@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_cli_bad_inputs import RunsCode
+from warm import hyperclone_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -39,12 +40,12 @@ def assert_refused(proc: subprocess.CompletedProcess, prefix: str, names: str, m
 
 def test_legacy_megatron_checkpoint_with_code(tiny_model_dirs, tmp_path):
     ckpt, marker = tmp_path / "ckpt", tmp_path / "code-ran"
-    made = run("-m", "hyperclone_dist.cli.main", "convert", tiny_model_dirs["llama-gqa2"], "--out", ckpt,
-               "--format", "legacy", "--width-factor", "2", "--no-progress")
+    made = hyperclone_in_process("convert", tiny_model_dirs["llama-gqa2"], "--out", ckpt, "--format", "legacy",
+                                 "--width-factor", "2", "--no-progress")
     assert made.returncode == 0, made.stderr[-2000:]
     rank_file = next(ckpt.glob("iter_*/mp_rank_00/model_optim_rng.pt"))
     plant(rank_file, marker)
-    proc = run("-m", "hyperclone_dist.cli.main", "export", ckpt, "--format", "hf", "--out", tmp_path / "hf")
+    proc = hyperclone_in_process("export", ckpt, "--format", "hf", "--out", tmp_path / "hf")
     assert_refused(proc, "hyperclone export: error:", "model_optim_rng.pt", marker)
     assert not (tmp_path / "hf").exists()
 

@@ -31,3 +31,40 @@ def run_warm(steps: list[dict], root: Path, *, out: Path | None = None, src: Pat
 
 def failure_text(run: dict, chars: int = 3000) -> str:
     return f"{run['name']}: exit {run['status']}\n{run['stdout'][-chars:]}\n{run['stderr'][-chars:]}"
+
+
+def pretrain_in_process(*argv: str) -> subprocess.CompletedProcess:
+    """``launch/pretrain.py`` in this process, its output captured: for runs that stop before any process
+    group (the dry run, bad command lines), which leave nothing behind to tear down."""
+    import contextlib
+    import importlib.util
+    import io
+
+    spec = importlib.util.spec_from_file_location("pretrain_launch", REPO / "launch" / "pretrain.py")
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            status = launch.main([str(a) for a in argv])
+        except SystemExit as exit_:  # argparse and the argument checks
+            status = exit_.code
+    return subprocess.CompletedProcess(["pretrain.py", *argv], status, stdout.getvalue(), stderr.getvalue())
+
+
+def hyperclone_in_process(*args) -> subprocess.CompletedProcess:
+    """``hyperclone`` run through ``main()`` in this process, reported like a finished subprocess: for
+    commands that start no process group and leave nothing running."""
+    import contextlib
+    import io
+
+    from hyperclone_dist.cli.main import main
+
+    argv = [str(a) for a in args]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            status = main(argv)
+        except SystemExit as exit_:  # argparse
+            status = exit_.code
+    return subprocess.CompletedProcess(["hyperclone", *argv], status, stdout.getvalue(), stderr.getvalue())
