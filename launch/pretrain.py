@@ -26,10 +26,10 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from hyperclone_dist.errors import HypercloneError
-from hyperclone_dist.megatron.parallel import destroy_parallel
+from hyperclone_dist.megatron.parallel import AgreedError, destroy_parallel
 from hyperclone_dist.train.args import parse_args
 from hyperclone_dist.train.dryrun import dry_run
-from hyperclone_dist.train.loop import AgreedError, pretrain
+from hyperclone_dist.train.loop import pretrain
 
 STOPPED_WITHIN_S = 60  # a launcher stops the other ranks once one fails; one that does not, after this
 

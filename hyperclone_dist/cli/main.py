@@ -31,40 +31,59 @@ from hyperclone_dist.inspect_ckpt import check_checkpoint, describe
 from hyperclone_dist.megatron.convert import convert_to_megatron
 from hyperclone_dist.megatron.export import export_checkpoint
 from hyperclone_dist.megatron.load import is_megatron_checkpoint
-from hyperclone_dist.megatron.parallel import destroy_parallel, init_distributed
+from hyperclone_dist.megatron.parallel import AgreedError, destroy_parallel, init_distributed
 from hyperclone_dist.megatron.verify import verify_megatron
 from hyperclone_dist.verify import compare_checkpoints
+
+
+def _on_every_rank(command: str, work) -> int:
+    """``work()`` on every rank of a multi-process job; a bad input all ranks found (``agreed``) is said
+    once, by rank 0, before any rank leaves."""
+    try:
+        return work()
+    except AgreedError as exc:
+        if not dist.is_initialized():
+            raise
+        if dist.get_rank() == 0:
+            print(f"hyperclone {command}: error: {exc}", file=sys.stderr, flush=True)
+        dist.barrier()
+        return EXIT_BAD_INPUT
+    finally:
+        destroy_parallel()
 
 
 def _convert_megatron(args: argparse.Namespace) -> int:
     """Megatron output; under torchrun every process writes its share of the ranks."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         init_distributed()
-    try:
-        result = convert_to_megatron(args.src, args.out, growth_spec(args), layout_from_args(args), fmt=args.format,
-                                     dtype=DTYPES[args.dtype], overwrite=args.overwrite,
-                                     progress=not args.no_progress, checksums=not args.no_checksums)
-        if int(os.environ.get("RANK", "0")) == 0:
-            g = result.large
-            print(f"wrote {result.out}: {args.format} {layout_from_args(args).describe()}, {g.family} hidden "
-                  f"{g.hidden_size}, ffn {g.ffn_hidden_size}, layers {g.num_layers}")
-        return 0
-    finally:
-        destroy_parallel()
+    return _on_every_rank("convert", lambda: _write_megatron(args))
+
+
+def _write_megatron(args: argparse.Namespace) -> int:
+    layout = layout_from_args(args)
+    result = convert_to_megatron(args.src, args.out, growth_spec(args), layout, fmt=args.format,
+                                 dtype=DTYPES[args.dtype], overwrite=args.overwrite, progress=not args.no_progress,
+                                 checksums=not args.no_checksums)
+    if int(os.environ.get("RANK", "0")) == 0:
+        g = result.large
+        print(f"wrote {result.out}: {args.format} {layout.describe()}, {g.family} hidden {g.hidden_size}, "
+              f"ffn {g.ffn_hidden_size}, layers {g.num_layers}")
+    return 0
 
 
 def _verify_megatron(args: argparse.Namespace) -> int:
     """Under torchrun with tp x pp processes: load into GPTModel at that layout, compare logits."""
+    return _on_every_rank("verify", lambda: _verify_at_layout(args))
+
+
+def _verify_at_layout(args: argparse.Namespace) -> int:
     layout = layout_from_args(args)
-    try:
-        diff = verify_megatron(args.small, args.grown, layout, args.seq_len, args.batch, args.seed)
-        if dist.get_rank() == 0:
-            print(f"max abs logit diff {diff.max_abs:.3e}  max rel {diff.max_rel:.3e}  (tol {args.tol:g}, "
-                  f"GPTModel {layout.describe()}, batch {diff.batch} x {diff.seq_len} tokens, float32)  "
-                  f"{'OK' if diff.ok(args.tol) else 'FAIL'}")
-        return 0 if diff.ok(args.tol) else 1
-    finally:
-        destroy_parallel()
+    diff = verify_megatron(args.small, args.grown, layout, args.seq_len, args.batch, args.seed)
+    if dist.get_rank() == 0:
+        print(f"max abs logit diff {diff.max_abs:.3e}  max rel {diff.max_rel:.3e}  (tol {args.tol:g}, "
+              f"GPTModel {layout.describe()}, batch {diff.batch} x {diff.seq_len} tokens, float32)  "
+              f"{'OK' if diff.ok(args.tol) else 'FAIL'}")
+    return 0 if diff.ok(args.tol) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

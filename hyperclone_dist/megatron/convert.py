@@ -29,7 +29,7 @@ from hyperclone_dist.growth.spec import GrowthSpec
 from hyperclone_dist.layout import Layout
 from hyperclone_dist.megatron import legacy, torch_dist
 from hyperclone_dist.megatron.model import check_representable
-from hyperclone_dist.megatron.parallel import init_model_parallel
+from hyperclone_dist.megatron.parallel import agreed, init_model_parallel
 from hyperclone_dist.megatron.torch_dist_serial import save_grown_serially
 from hyperclone_dist.megatron.weights import rank_state_dicts
 from hyperclone_dist.sources import open_source
@@ -67,10 +67,7 @@ def convert_to_megatron(src: str | Path, out: str | Path, spec: GrowthSpec, layo
 
 def _grow_and_write(src: Path, out: Path, spec: GrowthSpec, layout: Layout, fmt: str, dtype: torch.dtype,
                     overwrite: bool, progress: bool, checksums: bool) -> MegatronConvertResult:
-    source = open_source(src)
-    grower = Grower(source.config, spec, source.get, source.get_rows)
-    check_representable(grower.large)
-    layout.validate(grower.large)
+    grower = agreed(_grower, src, spec, layout)
     if fmt == "torch_dist":
         return _convert_torch_dist(src, out, grower, layout, dtype, overwrite, progress, checksums)
     dist = _dist()
@@ -92,6 +89,15 @@ def _grow_and_write(src: Path, out: Path, spec: GrowthSpec, layout: Layout, fmt:
         failure = exc
     _finish(out, tmp, dist, rank, failure, checksums)
     return MegatronConvertResult(out, grower.large, len(mine), written)
+
+
+def _grower(src: Path, spec: GrowthSpec, layout: Layout) -> Grower:
+    """The growth of ``src``, once the grown model is known to fit megatron-core at ``layout``."""
+    source = open_source(src)
+    grower = Grower(source.config, spec, source.get, source.get_rows)
+    check_representable(grower.large)
+    layout.validate(grower.large)
+    return grower
 
 
 def _convert_torch_dist(src: Path, out: Path, grower: Grower, layout: Layout, dtype: torch.dtype,

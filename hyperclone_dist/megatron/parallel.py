@@ -16,10 +16,39 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.layout import Layout
 from hyperclone_dist.megatron.cpu_shims import apply_cpu_shims
 
 DEFAULT_SEED = 1234
+
+
+class AgreedError(HypercloneError):
+    """A bad input every rank of the job knows about: each raises it, one rank reports it."""
+
+
+def agreed(fn, *args, **kwargs):
+    """Run ``fn`` on every rank; if it failed anywhere, raise the first rank's error everywhere (a single
+    process without a process group just runs it). Around the checks that precede a job's collectives: a bad
+    input found by any rank ends every rank the same way, instead of leaving the others waiting for it."""
+    if not dist.is_initialized():
+        return fn(*args, **kwargs)
+    try:
+        result, error = fn(*args, **kwargs), None
+    except HypercloneError as exc:
+        result, error = None, str(exc)
+    except OSError as exc:
+        result, error = None, _one_line(exc)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise AgreedError(first)
+    return result
+
+
+def _one_line(exc: OSError) -> str:
+    return f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
 
 
 def init_distributed(timeout_minutes: int = 30) -> None:

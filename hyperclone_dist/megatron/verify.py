@@ -17,7 +17,7 @@ from hyperclone_dist.layout import Layout
 from hyperclone_dist.megatron import legacy, torch_dist
 from hyperclone_dist.megatron.load import LegacyCheckpoint, read_iteration
 from hyperclone_dist.megatron.model import build_gpt_model, forward_logits, load_chunk_weights
-from hyperclone_dist.megatron.parallel import init_distributed, init_model_parallel
+from hyperclone_dist.megatron.parallel import agreed, init_distributed, init_model_parallel
 from hyperclone_dist.verify import LogitDiff, fixed_batch, logit_diff
 
 
@@ -37,17 +37,26 @@ def load_into_gpt_model(ckpt: LegacyCheckpoint, layout: Layout) -> list:
     return chunks
 
 
+def _read_checkpoint(root: Path, layout: Layout) -> tuple[Path, LegacyCheckpoint | None, ModelConfig]:
+    """The iteration directory, the legacy reader (None for torch_dist) and the model of ``root``, once
+    ``layout`` is known to fit it on this job."""
+    it_dir = legacy.iteration_dir(root, read_iteration(root))
+    if (it_dir / "metadata.json").is_file():
+        ckpt, cfg = None, ModelConfig.from_dict(torch_dist.read_args(it_dir).hyperclone_config)
+    else:
+        ckpt = LegacyCheckpoint(root)
+        cfg = ckpt.config
+    layout.validate(cfg, dist.get_world_size())
+    return it_dir, ckpt, cfg
+
+
 @torch.inference_mode()
 def verify_megatron(small: str | Path, ckpt_dir: str | Path, layout: Layout, seq_len: int | None = None,
                     batch: int = 2, seed: int = 1234) -> LogitDiff:
     """Every rank returns the same LogitDiff (reduced from the last pipeline stage)."""
-    root = Path(ckpt_dir)
-    it_dir = legacy.iteration_dir(root, read_iteration(root))
-    is_torch_dist = (it_dir / "metadata.json").is_file()
-    ckpt = None if is_torch_dist else LegacyCheckpoint(root)
-    cfg = ModelConfig.from_dict(torch_dist.read_args(it_dir).hyperclone_config) if is_torch_dist else ckpt.config
     init_distributed()
-    layout.validate(cfg, dist.get_world_size())
+    it_dir, ckpt, cfg = agreed(_read_checkpoint, Path(ckpt_dir), layout)
+    is_torch_dist = ckpt is None
     init_model_parallel(layout)
     chunks = torch_dist.load_into_gpt_model(it_dir, layout)[0] if is_torch_dist else load_into_gpt_model(ckpt, layout)
     seq_len = seq_len or cfg.max_position_embeddings

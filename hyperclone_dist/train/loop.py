@@ -23,7 +23,7 @@ from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.megatron import legacy, torch_dist
 from hyperclone_dist.megatron.load import is_megatron_checkpoint, read_iteration
 from hyperclone_dist.megatron.model import build_gpt_model
-from hyperclone_dist.megatron.parallel import init_distributed, init_model_parallel
+from hyperclone_dist.megatron.parallel import agreed, init_distributed, init_model_parallel
 from hyperclone_dist.megatron.weights import fill_chunks
 from hyperclone_dist.train.checkpointing import (
     check_resumable,
@@ -52,26 +52,6 @@ from hyperclone_dist.train.symmetry_breaking import GradientNoise
 
 # megatron.core is imported inside the methods that use it: seconds to import, and bad input is refused
 # before (in train/args.py, on every rank alike).
-
-
-class AgreedError(HypercloneError):
-    """A bad input every rank of the job knows about: each raises it, one rank reports it."""
-
-
-def agreed(fn, *args, **kwargs):
-    """Run ``fn`` on every rank; if it failed anywhere, raise the first rank's error everywhere."""
-    try:
-        result, error = fn(*args, **kwargs), None
-    except HypercloneError as exc:
-        result, error = None, str(exc)
-    except OSError as exc:
-        result, error = None, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    first = next((e for e in errors if e), None)
-    if first:
-        raise AgreedError(first)
-    return result
 
 
 def prepare_environment() -> None:
