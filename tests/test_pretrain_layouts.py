@@ -52,7 +52,8 @@ LAYOUTS = {  # name: (processes, flags, launcher, what the job must report as "t
     "tp2-dp2-zero2": (4, ["--tp", "2", "--deepspeed_config", ZERO2], "warm", "tp=2 pp=1 dp=2"),
     "tp2-pp2": (4, ["--tp", "2", "--pp", "2"], "warm", "tp=2 pp=2 dp=1"),
     "pp2-vpp2-dp2": (4, ["--pp", "2", "--vpp", "2"], "warm", "tp=1 pp=2 dp=2 vpp=2"),
-    "tp2-zero1-deepspeed": (2, ["--tp", "2", "--deepspeed_config", ZERO1], "deepspeed", "tp=2 pp=1 dp=1"),
+    "tp2-pp2-zero1-deepspeed": (4, ["--tp", "2", "--pp", "2", "--deepspeed_config", ZERO1], "deepspeed",
+                                "tp=2 pp=2 dp=1"),
 }
 REFERENCE = "tp1-pp1"
 SAVED = "tp2-pp2"  # also: the noisy clone's first loss, the uninterrupted run for resume, the export

@@ -3,6 +3,7 @@ completes, flag files, layout-invariant random init, and the symmetry monitor's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -98,6 +99,34 @@ def test_config_file_sets_flags_and_the_command_line_wins(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--config", str(file)])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"lr": "fast"}, "argument --lr: invalid float value: 'fast'"),
+    ({"train_iters": 2.5}, "argument --train-iters: invalid int value: '2.5'"),
+    ({"handoff": "sideways"}, "argument --handoff: invalid choice: 'sideways'"),
+    ({"bf16": "yes"}, "bf16 must be true or false, got 'yes'"),
+    ({"lr_warmup_iters": -1}, "argument --lr-warmup-iters: must be >= 0, got -1"),
+    ({"lr_schedule_points": [[0, "a"]]}, "argument --lr-schedule-points: steps must be integers and LRs numbers"),
+    ({"tp": 0}, "--tp 0 must be a positive integer"),
+])
+def test_config_file_values_are_checked_like_flags(tmp_path, capsys, values, words):
+    """A --config file's values meet the same type, choice and range checks as the flags they set."""
+    file = tmp_path / "run.json"
+    file.write_text(json.dumps({"train_iters": 2, "global_batch_size": 4, **values}))
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--config", str(file), "--model-config", "configs/models/llama-tiny.json"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and words in err[0], err
+
+
+def test_run_config_is_frozen_and_resolved_once():
+    config = parse_args(["--model-config", "configs/models/llama-tiny.json", "--train-iters", "3",
+                         "--global-batch-size", "4", "--lr-schedule-points", "[[0, 1e-3], [3, 1e-4]]"])
+    assert config.start.init == "random" and config.optim.handoff == "points"  # defaults resolved at build
+    assert config.optim.lr_schedule_points == ((0, 1e-3), (3, 1e-4))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.optim.lr = 1.0  # type: ignore[misc]
 
 
 def test_random_init_is_the_same_whatever_slice_is_asked():
