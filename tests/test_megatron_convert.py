@@ -85,7 +85,10 @@ def runs(tiny_model_dirs, tmp_path_factory) -> dict:
                   for nproc, flags in loads]
         steps += [*export_steps(name, src, out, growth, root),
                   step(f"{name} small.pt", "export", out, "--out", root / name / "again.pt", "--format", "small.pt"),
-                  step(f"{name} verify small.pt", "verify", src, root / name / "again.pt")]
+                  step(f"{name} verify small.pt", "verify", src, root / name / "again.pt"),
+                  step(f"{name} grown again", "convert", out, "--out", root / name / "regrown", "--width-factor", "2",
+                       "--method", "noisy", "--no-progress"),
+                  step(f"{name} verify grown again", "verify", out, root / name / "regrown")]
     llama, mqa = tiny_model_dirs["llama-gqa2"], tiny_model_dirs["llama-mqa-tied-bias"]
     steps += [
         step("one process legacy", "convert", mqa, "--out", root / "one", "--format", "legacy", "--tp", "2", "--pp",
@@ -187,7 +190,7 @@ def test_unrepresentable_family_refused_in_one_line(runs):
 def test_torch_dist_reshards_on_load(runs, tiny_model_dirs, name):
     """Written at TP2 x PP2 (by one process playing each rank in turn, or by one process per rank), loaded at
     other layouts by megatron's dist_checkpointing; a torch_dist checkpoint exported to small.pt is the next
-    run's --clone-from source and still the small model's function."""
+    run's --clone-from source and still the small model's function, and the checkpoint itself grows again."""
     model, _, _, loads = TORCH_DIST_CASES[name]
     ok(runs[f"{name} convert"])
     out = runs["root"] / name / "ckpt"
@@ -198,6 +201,8 @@ def test_torch_dist_reshards_on_load(runs, tiny_model_dirs, name):
     assert_export_matches_direct_hf(runs["root"], name, runs)
     ok(runs[f"{name} small.pt"])
     assert_verified(runs[f"{name} verify small.pt"])
+    ok(runs[f"{name} grown again"])  # a megatron checkpoint is itself a source to grow, straight to HF
+    assert_verified(runs[f"{name} verify grown again"])
     if name == "llama-1-writer":  # torchrun itself, once: the launcher path of a multi-rank verify
         proc = torchrun(4, "verify", str(tiny_model_dirs[model]), str(out), "--tp", "2", "--pp", "2")
         lines = [line for line in proc.stdout.splitlines() if line.startswith("max abs logit diff")]
