@@ -263,8 +263,8 @@ def test_hyperclone_bad_input_is_one_line(case, runs, inputs):
 def test_sources_are_unchanged_by_every_case(runs, inputs, tiny_model_dirs):
     assert tree_hashes(inputs / "llama") == tree_hashes(tiny_model_dirs["llama-gqa2"])
     assert (inputs / "exists.pt").read_bytes() == b"an earlier export"
-    assert sorted(p.name for p in (inputs / "legacy").iterdir()) == ["hyperclone-manifest.json", "iter_0000000",
-                                                                     "latest_checkpointed_iteration.txt"]
+    assert sorted(p.name for p in (inputs / "legacy").iterdir()) == [  # the source's companions travel along
+        "generation_config.json", "hyperclone-manifest.json", "iter_0000000", "latest_checkpointed_iteration.txt"]
     assert list((inputs / "out").iterdir()) == [] and list((inputs / "ro").iterdir()) == []
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from hyperclone_dist.checkpoint.atomic import write_file_atomic
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.families import FAMILIES, hf_names_for
 from hyperclone_dist.hf_config import config_to_hf
@@ -26,8 +27,10 @@ from hyperclone_dist.hf_fusion import fuse_hf, hf_shape
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
                torch.float64: "float64"}
+# what travels with the weights: the tokenizer in every form HF ships one, its chat template, generation defaults
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "generation_config.json", "added_tokens.json")
+                   "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
@@ -74,6 +77,18 @@ def _header(shard: list[PlannedTensor], dtype: torch.dtype) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+def copy_companions(source_dir: Path, out_dir: Path) -> list[str]:
+    """Copy the files that travel with a model's weights (tokenizer, chat template, generation config)
+    from ``source_dir`` into ``out_dir``, each atomically; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        source = Path(source_dir) / name
+        if source.is_file():
+            write_file_atomic(Path(out_dir) / name, lambda tmp, source=source: shutil.copyfile(source, tmp))
+            copied.append(name)
+    return copied
+
+
 def write_hf_checkpoint(out_dir: Path, cfg: ModelConfig, canonical: dict[str, tuple[int, ...]],
                         produce: Callable[[str], torch.Tensor], dtype: torch.dtype = torch.float32,
                         shard_bytes: int = DEFAULT_SHARD_BYTES, source_dir: Path | None = None,
@@ -99,9 +114,7 @@ def write_hf_checkpoint(out_dir: Path, cfg: ModelConfig, canonical: dict[str, tu
                     weight_map[t.name] = file_name
                     bar.update(t.nbytes)
     if source_dir is not None:
-        for name in TOKENIZER_FILES:
-            if (source_dir / name).is_file():
-                shutil.copyfile(source_dir / name, out_dir / name)
+        copy_companions(source_dir, out_dir)
     (out_dir / "config.json").write_text(json.dumps(config_to_hf(cfg, DTYPE_NAMES[dtype]), indent=2) + "\n")
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     # the index is the completion marker inside the directory: written last

@@ -62,7 +62,7 @@ def _convert_megatron(args: argparse.Namespace) -> int:
 def _write_megatron(args: argparse.Namespace) -> int:
     layout = layout_from_args(args)
     result = convert_to_megatron(args.src, args.out, growth_spec(args), layout, fmt=args.format,
-                                 dtype=DTYPES[args.dtype], overwrite=args.overwrite, progress=not args.no_progress,
+                                 dtype=DTYPES.get(args.dtype), overwrite=args.overwrite, progress=not args.no_progress,
                                  checksums=not args.no_checksums)
     if int(os.environ.get("RANK", "0")) == 0:
         g = result.large
@@ -81,7 +81,7 @@ def _verify_at_layout(args: argparse.Namespace) -> int:
     diff = verify_megatron(args.small, args.grown, layout, args.seq_len, args.batch, args.seed)
     if dist.get_rank() == 0:
         print(f"max abs logit diff {diff.max_abs:.3e}  max rel {diff.max_rel:.3e}  (tol {args.tol:g}, "
-              f"GPTModel {layout.describe()}, batch {diff.batch} x {diff.seq_len} tokens, float32)  "
+              f"GPTModel {layout.describe()}, {diff.checked}, float32)  "
               f"{'OK' if diff.ok(args.tol) else 'FAIL'}")
     return 0 if diff.ok(args.tol) else 1
 
@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: Hugging Face safetensors; torch_dist: megatron-core dist_checkpointing "
                         "(reshardable); legacy: megatron iter_*/mp_rank_*/model_optim_rng.pt")
     add_layout_flags(p, "megatron formats", padding=True)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="of the written weights (default: the source's; verify compares in float32 either way)")
     p.add_argument("--shard-size", type=float, default=2.0, metavar="GiB", help="max safetensors shard size")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     p.add_argument("--no-checksums", action="store_true",
@@ -110,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("small", help="HF model directory or small.pt")
     p.add_argument("grown", help="HF model directory or small.pt")
     p.add_argument("--tol", type=float, default=1e-5, help="max relative logit difference allowed")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: full context)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="compare this many contiguous tokens from position 0 (the full context: a full pass); "
+                        "default: 256 tokens from position 0 and 256 at the end of the context (the whole "
+                        "context when it is at most 512)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seed", type=int, default=1234, help="seed of the token ids")
     add_layout_flags(p, "megatron checkpoints, the layout to load at")
@@ -119,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", help="megatron checkpoint directory (holds latest_checkpointed_iteration.txt)")
     p.add_argument("--out", required=True, help="HF output directory, or the small.pt file to write")
     p.add_argument("--format", choices=["hf", "small.pt"], default="hf")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: the checkpoint's")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
 
@@ -158,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             diff = compare_checkpoints(args.small, args.grown, args.seq_len, args.batch, args.seed)
             verdict = "OK" if diff.ok(args.tol) else "FAIL"
             print(f"max abs logit diff {diff.max_abs:.3e}  max rel {diff.max_rel:.3e}  (tol {args.tol:g}, "
-                  f"batch {diff.batch} x {diff.seq_len} tokens, float32)  {verdict}")
+                  f"{diff.checked}, float32)  {verdict}")
             return 0 if diff.ok(args.tol) else 1
         if args.command == "export":
-            cfg = export_checkpoint(args.ckpt, args.out, args.format, DTYPES[args.dtype], args.overwrite,
+            cfg = export_checkpoint(args.ckpt, args.out, args.format, DTYPES.get(args.dtype), args.overwrite,
                                     progress=not args.no_progress)
             print(f"wrote {args.out}: {args.format}, {cfg.family} hidden {cfg.hidden_size}, layers {cfg.num_layers}")
             return 0

@@ -1,8 +1,8 @@
 """``hyperclone data``: train a tokenizer, tokenize a corpus into megatron's indexed format, inspect it.
 
     hyperclone data tokenizer [--input PATH ...] --out PREFIX [--vocab-size 4096]
-    hyperclone data prepare [--input PATH ...] --tokenizer PREFIX.model --out PREFIX [--json-key text]
-    hyperclone data inspect PREFIX [PREFIX ...] [--tokenizer PREFIX.model]
+    hyperclone data prepare [--input PATH ...] --tokenizer PREFIX.model|HF_DIR|tokenizer.json --out PREFIX
+    hyperclone data inspect PREFIX [PREFIX ...] [--tokenizer PREFIX.model|HF_DIR]
 
 Without --input both use the embedded default corpus (the Python standard library's source). A thin layer:
 the work is in tokenizer.py, prepare.py and loader.py.
@@ -42,13 +42,15 @@ def add_data_commands(subparsers) -> None:
 
     p = sub.add_parser("prepare", help="tokenize a corpus into a megatron indexed dataset: PREFIX.bin + .idx")
     _add_corpus_flags(p)
-    p.add_argument("--tokenizer", required=True, metavar="PREFIX.model")
+    p.add_argument("--tokenizer", required=True, metavar="TOKENIZER",
+                   help="PREFIX.model (hyperclone data tokenizer), or a model's own Hugging Face tokenizer: its "
+                        "directory or tokenizer.json (documents end with its EOS token)")
     p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.bin, .idx (atomically)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: on a terminal only)")
 
     p = sub.add_parser("inspect", help="documents, tokens and dtype of prepared datasets")
     p.add_argument("prefixes", nargs="+", metavar="PREFIX")
-    p.add_argument("--tokenizer", metavar="PREFIX.model", help="also check every id is below its vocab size")
+    p.add_argument("--tokenizer", metavar="TOKENIZER", help="also check every id is below its vocab size")
 
 
 def run_data_command(args: argparse.Namespace) -> int:

@@ -46,7 +46,7 @@ class DataConfig:
     """What to read and how to cut it into samples; everything that decides which tokens sample i holds."""
 
     prefixes: tuple[str, ...]  # PREFIX of each PREFIX.bin/PREFIX.idx pair (hyperclone data prepare --out)
-    tokenizer_model: str  # the PREFIX.model the prefixes were tokenized with (eod, pad, vocab size)
+    tokenizer_model: str  # the tokenizer the prefixes were prepared with: PREFIX.model or a Hugging Face one
     cache_dir: str  # megatron's index caches go under here; shared by all ranks
     weights: tuple[float, ...] | None = None  # blend weights; None: in proportion to each prefix's tokens
     split: str = "949,50,1"  # train,valid,test shares of each prefix's documents (contiguous ranges)
@@ -162,7 +162,7 @@ def inspect_prefix(prefix: str | Path, *, max_token_id: bool = False) -> Indexed
     return IndexedStats(str(prefix), len(dataset), tokens, dataset.index.dtype.__name__, top)
 
 
-def _fingerprint(prefixes: Sequence[str], tokenizer_model: Path) -> str:
+def _fingerprint(prefixes: Sequence[str], tokenizer: TokenizerInfo) -> str:
     """Content hash of the inputs. megatron names its cache files after the *paths* it is given, so
     re-preparing a prefix in place would otherwise reuse indices built for the old tokens."""
     h = hashlib.sha256()
@@ -170,7 +170,7 @@ def _fingerprint(prefixes: Sequence[str], tokenizer_model: Path) -> str:
         h.update(prefix.encode())
         h.update(Path(prefix + ".idx").read_bytes())
         h.update(str(Path(prefix + ".bin").stat().st_size).encode())
-    h.update(tokenizer_model.read_bytes())
+    h.update(tokenizer.fingerprint.encode())
     return h.hexdigest()[:16]
 
 
@@ -218,7 +218,7 @@ def build_datasets(config: DataConfig, train_samples: int, valid_samples: int = 
         # the same proportions and let train_samples exceed one pass.
         weights = [float(s.tokens) for s in stats]
 
-    cache_dir = Path(config.cache_dir).resolve() / _fingerprint(prefixes, Path(config.tokenizer_model))
+    cache_dir = Path(config.cache_dir).resolve() / _fingerprint(prefixes, info)
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 

@@ -2,12 +2,14 @@
 
     hyperclone data prepare --tokenizer data/tok.model --out data/stdlib            # the default corpus
     hyperclone data prepare --input corpus.jsonl --json-key text --tokenizer data/tok.model --out data/web
+    hyperclone data prepare --input corpus/ --tokenizer path/to/hf-model --out data/web  # the model's own
 
 One entry per document (a sequence of one document, as Megatron-LM's ``preprocess_data.py`` writes without
 sentence splitting), the tokenizer's end-of-document id appended to each, written by megatron-core's own
-``IndexedDatasetBuilder`` with the smallest dtype that holds the vocabulary (uint16 below 65500).
-Documents are encoded by sentencepiece directly, in batches over all cores: the same ids as megatron's
-``SentencePieceTokenizer.text_to_ids`` (a test checks it), without the transformers import it pulls in.
+``IndexedDatasetBuilder`` with the smallest dtype of its format that holds the vocabulary: uint16 below 65500
+pieces, else int32 (megatron's indexed format has no uint32; int32 holds any vocabulary below 2^31).
+Documents are encoded a batch at a time (data/tokenizer.py ``batch_encoder``): the same ids as megatron's
+tokenizer's ``text_to_ids``, no special tokens, the end-of-document id (the model's EOS) after each.
 
 Both files are built under hidden temporary names and renamed when complete, ``.idx`` last: a reader finds
 the old pair, no pair, or the new pair, never a torn one.
@@ -15,7 +17,6 @@ the old pair, no pair, or the new pair, never a torn one.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,9 +26,9 @@ import numpy as np
 
 from hyperclone_dist.checkpoint.atomic import NOTHING_KEPT, one_line_os_errors, partial_path, publish_files
 from hyperclone_dist.data.corpus import DEFAULT_CORPUS_BYTES, DEFAULT_JSON_KEY, iter_documents, resolve_corpus
-from hyperclone_dist.data.tokenizer import open_sentencepiece
+from hyperclone_dist.data.tokenizer import batch_encoder, tokenizer_info
 
-BATCH_BYTES = 4_000_000  # text encoded per sentencepiece call (threads split a batch by document)
+BATCH_BYTES = 4_000_000  # text encoded per tokenizer call (threads split a batch by document)
 
 
 @dataclass(frozen=True)
@@ -48,20 +49,21 @@ def prepare_dataset(inputs: Sequence[str | Path] | None, tokenizer_model: str | 
     ``progress``: a tqdm bar over input bytes on stderr; None shows it only when stderr is a terminal.
     """
     corpus = resolve_corpus(inputs, json_key=json_key, default_corpus_bytes=default_corpus_bytes)
-    sp = open_sentencepiece(Path(tokenizer_model))  # checks the model before megatron-core is imported
+    info = tokenizer_info(tokenizer_model)  # checks the tokenizer before megatron-core is imported
+    encode = batch_encoder(tokenizer_model)
 
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
     from tqdm import tqdm
 
     prefix = Path(out_prefix)
     bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
-    dtype = DType.optimal_dtype(sp.get_piece_size())
-    eod = sp.eos_id()
+    dtype = DType.optimal_dtype(info.vocab_size)
+    eod = info.eod
     documents = tokens = 0
 
     def write(batch: list[str]) -> None:
         nonlocal documents, tokens
-        for ids in sp.encode(batch, num_threads=os.cpu_count() or 1):
+        for ids in encode(batch):
             ids = np.asarray(ids + [eod], dtype=dtype)
             builder.add_document(ids, [ids.size])
             documents += 1

@@ -1,4 +1,7 @@
-"""A sentencepiece BPE tokenizer trained here, read back through megatron-core's own tokenizer class.
+"""Tokenizers: a sentencepiece BPE tokenizer trained here, or a model's own Hugging Face tokenizer (a
+directory with ``tokenizer.json`` / ``tokenizer_config.json``, or the ``tokenizer.json`` file itself), both
+read back through megatron-core's own tokenizer classes (``MegatronTokenizer``, libraries
+``sentencepiece`` and ``huggingface``).
 
     hyperclone data tokenizer --out data/tok --vocab-size 4096        # the embedded default corpus
     hyperclone data tokenizer --input corpus/ --out data/tok
@@ -11,12 +14,15 @@ Training settings, and why:
 - a deterministic sample of at most ``max_sentences`` lines (sentencepiece trains on lines), in input
   order, all of which sentencepiece uses unshuffled: the same input gives the same ``.model`` bytes.
 
-``load_tokenizer`` returns megatron-core's ``GPTTokenizer`` over its ``SentencePieceTokenizer`` library,
-the ``MegatronTokenizerBase`` that ``GPTDatasetConfig(tokenizer=...)`` expects (``eod`` is ``</s>``).
+``load_tokenizer`` returns megatron-core's ``GPTTokenizer`` over its ``SentencePieceTokenizer`` or
+``HuggingFaceTokenizer`` library, the ``MegatronTokenizerBase`` that ``GPTDatasetConfig(tokenizer=...)``
+expects. The end of a document is ``</s>`` for ours and the model's EOS token for a Hugging Face one.
+sentencepiece and transformers are imported where they are used (transformers takes seconds).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import random
@@ -44,15 +50,28 @@ class TrainedTokenizer:
     sentences: int  # lines sentencepiece trained on
 
 
+SENTENCEPIECE, HUGGINGFACE = "sentencepiece", "huggingface"  # megatron-core's names of the two libraries
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
 @dataclass(frozen=True)
 class TokenizerInfo:
     """What the trainer needs from the tokenizer: embedding rows and the special ids."""
 
-    model: Path
+    model: Path  # the .model file, or the Hugging Face tokenizer's directory
     vocab_size: int  # before any padding to a multiple for tensor parallelism
     eod: int  # appended after every document by `hyperclone data prepare`
-    bos: int
+    bos: int  # -1 when there is none
     pad: int  # -1 when the model has no pad piece
+    library: str = SENTENCEPIECE  # sentencepiece | huggingface
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the files that define the tokenizer (dataset caches depend on it)."""
+        h = hashlib.sha256()
+        for file in tokenizer_files(self.model):
+            h.update(file.name.encode() + file.read_bytes())
+        return h.hexdigest()
 
 
 def _sample_lines(documents: Iterable[str], max_sentences: int, seed: int) -> tuple[list[str], int]:
@@ -147,22 +166,81 @@ def open_sentencepiece(model: str | Path):
     return processor
 
 
+def tokenizer_location(path: str | Path) -> tuple[str, Path]:
+    """(library, path megatron-core loads it from) of a tokenizer given as a sentencepiece ``.model``, a
+    Hugging Face tokenizer directory (a model directory holds one), or its ``tokenizer.json``."""
+    path = Path(path)
+    if path.is_dir():
+        if not any((path / name).is_file() for name in HF_TOKENIZER_FILES):
+            raise HypercloneError(f"{path} holds no Hugging Face tokenizer (no {' or '.join(HF_TOKENIZER_FILES)})")
+        return HUGGINGFACE, path
+    if path.name in HF_TOKENIZER_FILES:
+        if not path.is_file():
+            raise HypercloneError(f"tokenizer {path} does not exist")
+        return HUGGINGFACE, path.parent
+    return SENTENCEPIECE, path
+
+
+def tokenizer_files(path: str | Path) -> list[Path]:
+    """The files a tokenizer consists of."""
+    library, where = tokenizer_location(path)
+    if library == SENTENCEPIECE:
+        return [where]
+    return sorted(f for f in where.iterdir() if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens",
+                                                                                   "added_tokens", "vocab", "merges"))))
+
+
+def open_hf_tokenizer(directory: Path):
+    """transformers' tokenizer of ``directory``, or a one-line error naming what is wrong with it."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        text = str(exc).strip().splitlines()
+        raise HypercloneError(f"cannot read the Hugging Face tokenizer in {directory}: "
+                              f"{(text[0] if text else type(exc).__name__)[:200]}") from None
+    if tokenizer.eos_token_id is None:
+        raise HypercloneError(f"the tokenizer in {directory} has no end-of-sequence token to end documents with")
+    return tokenizer
+
+
 def tokenizer_info(model: str | Path) -> TokenizerInfo:
-    """Vocab size and special ids of a ``.model`` file, without importing megatron-core."""
-    model = Path(model)
-    sp = open_sentencepiece(model)
-    return TokenizerInfo(model, sp.get_piece_size(), sp.eos_id(), sp.bos_id(), sp.pad_id())
+    """Vocab size and special ids of a tokenizer (sentencepiece: without importing megatron-core)."""
+    library, where = tokenizer_location(model)
+    if library == HUGGINGFACE:
+        tok = open_hf_tokenizer(where)
+        return TokenizerInfo(where, len(tok), tok.eos_token_id, _id(tok.bos_token_id), _id(tok.pad_token_id),
+                             HUGGINGFACE)
+    sp = open_sentencepiece(where)
+    return TokenizerInfo(where, sp.get_piece_size(), sp.eos_id(), sp.bos_id(), sp.pad_id())
+
+
+def _id(value: int | None) -> int:
+    return -1 if value is None else int(value)
+
+
+def batch_encoder(model: str | Path):
+    """``encode(texts) -> [ids, ...]``: each text's ids without special tokens, what megatron-core's
+    tokenizer's ``text_to_ids`` gives (a test checks it), encoded a batch at a time on every core."""
+    library, where = tokenizer_location(model)
+    if library == HUGGINGFACE:
+        tok = open_hf_tokenizer(where)
+        return lambda texts: tok(texts, add_special_tokens=False)["input_ids"]
+    sp = open_sentencepiece(where)
+    return lambda texts: sp.encode(texts, num_threads=os.cpu_count() or 1)
 
 
 def load_tokenizer(model: str | Path):
-    """megatron-core's ``GPTTokenizer`` (a ``MegatronTokenizerBase``) over the sentencepiece ``model``.
+    """megatron-core's ``GPTTokenizer`` (a ``MegatronTokenizerBase``) over the tokenizer at ``model``.
 
     The path is made absolute: it is part of the identity megatron hashes into its index-cache names, which
     must not depend on the working directory of each rank.
     """
-    model = Path(model)
-    open_sentencepiece(model)  # one-line errors before megatron's asserts
-    from megatron.core.tokenizers import MegatronTokenizer
+    library, where = tokenizer_location(model)
+    tokenizer_info(where if library == HUGGINGFACE else model)  # one-line errors before megatron's asserts
+    from megatron.core.tokenizers import MegatronTokenizer  # heavy: imported once a dataset is built
 
-    return MegatronTokenizer.from_pretrained(str(model.resolve()),
-                                             metadata_path={"library": "sentencepiece", "model_type": "gpt"})
+    return MegatronTokenizer.from_pretrained(str(where.resolve()), metadata_path={"library": library,
+                                                                                   "model_type": "gpt"})

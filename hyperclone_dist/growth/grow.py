@@ -72,7 +72,9 @@ class Grower:
 
     # ---- the primitive --------------------------------------------------------------------------
     def slice(self, name: str, index: Index = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Elements ``index`` (one slice per dimension, step 1) of grown tensor ``name``."""
+        """Elements ``index`` (one slice per dimension, step 1) of grown tensor ``name``, in ``dtype``: by
+        default float32, what every element is computed in (float64 for a float64 source), so a bf16 or fp16
+        source's clone is rounded once, to the dtype it is written in, and a float32 one not at all."""
         if name not in self.shapes:
             raise HypercloneError(f"the grown model has no parameter {name}")
         shape = self.shapes[name]
@@ -85,13 +87,14 @@ class Grower:
             bounds = [(0, r1 - r0), cols]
         else:
             small = self.get_small(small_name)
-        out_dtype = dtype or small.dtype
+        compute = torch.float64 if small.dtype == torch.float64 else torch.float32
+        out_dtype = dtype or compute
         out_shape = tuple(hi - lo for lo, hi in bounds)
         if small.is_meta:
             return torch.empty(out_shape, dtype=out_dtype, device="meta")
         if source is not None and source.identity and rule.residual_writer:
             return torch.zeros(out_shape, dtype=out_dtype)
-        work = small.to(torch.float64 if small.dtype == torch.float64 else torch.float32)
+        work = small.to(compute)
         if self.spec.method == "warmstart":
             return self._warmstart(name, rule, work, bounds).to(out_dtype)
         return self._clone(name, rule, work, bounds, out_dtype)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from hyperclone_dist.checkpoint import lock
 from hyperclone_dist.checkpoint.atomic import make_partial_dir, publish
+from hyperclone_dist.checkpoint.hf_writer import copy_companions
 from hyperclone_dist.checkpoint.manifest import write_manifest, write_manifests_together
 from hyperclone_dist.checkpoint.small_pt import torch_save
 from hyperclone_dist.config import ModelConfig
@@ -53,11 +54,11 @@ def _dist():
 
 @torch.inference_mode()
 def convert_to_megatron(src: str | Path, out: str | Path, spec: GrowthSpec, layout: Layout, *, fmt: str = "legacy",
-                        dtype: torch.dtype = torch.float32, overwrite: bool = False,
+                        dtype: torch.dtype | None = None, overwrite: bool = False,
                         progress: bool = True, checksums: bool = True) -> MegatronConvertResult:
     """Grow ``src`` into a megatron checkpoint at ``out`` with ``layout``. Under an initialised
-    torch.distributed group, process k writes the ranks r with r % world == k. ``checksums``: write
-    ``hyperclone-manifest.json`` (checkpoint/manifest.py)."""
+    torch.distributed group, process k writes the ranks r with r % world == k. ``dtype``: of the weights
+    (default: the source's). ``checksums``: write ``hyperclone-manifest.json`` (checkpoint/manifest.py)."""
     if fmt not in MEGATRON_FORMATS:
         raise HypercloneError(f"unknown megatron format {fmt!r} (choose from {', '.join(MEGATRON_FORMATS)})")
     src, out = Path(src), Path(out)
@@ -65,9 +66,10 @@ def convert_to_megatron(src: str | Path, out: str | Path, spec: GrowthSpec, layo
         return _grow_and_write(src, out, spec, layout, fmt, dtype, overwrite, progress, checksums)
 
 
-def _grow_and_write(src: Path, out: Path, spec: GrowthSpec, layout: Layout, fmt: str, dtype: torch.dtype,
+def _grow_and_write(src: Path, out: Path, spec: GrowthSpec, layout: Layout, fmt: str, dtype: torch.dtype | None,
                     overwrite: bool, progress: bool, checksums: bool) -> MegatronConvertResult:
-    grower = agreed(_grower, src, spec, layout)
+    grower, source_dtype = agreed(_grower, src, spec, layout)
+    dtype = dtype or source_dtype
     if fmt == "torch_dist":
         return _convert_torch_dist(src, out, grower, layout, dtype, overwrite, progress, checksums)
     dist = _dist()
@@ -87,17 +89,18 @@ def _grow_and_write(src: Path, out: Path, spec: GrowthSpec, layout: Layout, fmt:
             written += sum(t.numel() * t.element_size() for sd in chunks for t in sd.values())
     except Exception as exc:  # every process must reach _finish, or the others wait forever
         failure = exc
-    _finish(out, tmp, dist, rank, failure, checksums)
+    _finish(src, out, tmp, dist, rank, failure, checksums)
     return MegatronConvertResult(out, grower.large, len(mine), written)
 
 
-def _grower(src: Path, spec: GrowthSpec, layout: Layout) -> Grower:
-    """The growth of ``src``, once the grown model is known to fit megatron-core at ``layout``."""
+def _grower(src: Path, spec: GrowthSpec, layout: Layout) -> tuple[Grower, torch.dtype]:
+    """The growth of ``src`` and its stored dtype, once the grown model is known to fit megatron-core at
+    ``layout``."""
     source = open_source(src)
     grower = Grower(source.config, spec, source.get, source.get_rows)
     check_representable(grower.large)
     layout.validate(grower.large)
-    return grower
+    return grower, source.dtype
 
 
 def _convert_torch_dist(src: Path, out: Path, grower: Grower, layout: Layout, dtype: torch.dtype,
@@ -121,7 +124,7 @@ def _convert_torch_dist(src: Path, out: Path, grower: Grower, layout: Layout, dt
         written, hashed = torch_dist.save_grown(grower, layout, legacy.iteration_dir(tmp, 0), dtype, checksums)
     except Exception as exc:  # every process must reach _finish, or the others wait forever
         failure = exc
-    _finish(out, tmp, dist, rank, failure, checksums, hashed)
+    _finish(src, out, tmp, dist, rank, failure, checksums, hashed)
     return MegatronConvertResult(out, grower.large, 1, written)
 
 
@@ -137,7 +140,7 @@ def _convert_torch_dist_serially(src: Path, out: Path, grower: Grower, layout: L
                                                       checksums)
     except Exception as exc:  # cleaned up below, whatever it was
         failure = exc
-    _finish(out, tmp, None, 0, failure, checksums, hashed)
+    _finish(src, out, tmp, None, 0, failure, checksums, hashed)
     return MegatronConvertResult(out, grower.large, layout.world, written)
 
 
@@ -156,7 +159,7 @@ def _shared_tmp_dir(out: Path, overwrite: bool, src: Path, dist, rank: int) -> P
     return Path(names[0])
 
 
-def _finish(out: Path, tmp: Path, dist, rank: int, failure: BaseException | None, checksums: bool,
+def _finish(src: Path, out: Path, tmp: Path, dist, rank: int, failure: BaseException | None, checksums: bool,
             hashed: dict[str, dict] | None = None) -> None:
     """All processes agree on success; then rank 0 writes the tracker file (the completion marker), the
     checksum manifest is written (files not in ``hashed`` are hashed now, by every process, shared out),
@@ -173,6 +176,8 @@ def _finish(out: Path, tmp: Path, dist, rank: int, failure: BaseException | None
                 raise failure
             raise HypercloneError("another conversion process failed; nothing was kept")
         if rank == 0:
+            if src.is_dir():  # the tokenizer and its companions travel with the weights (export carries them on)
+                copy_companions(src, tmp)
             (tmp / legacy.TRACKER).write_text("0\n")
         if dist:
             if checksums:  # rank 0 lists the files, after its tracker; the others' files closed before all_reduce

@@ -25,18 +25,18 @@ from hyperclone_dist.params import stored_shapes
 EXPORT_FORMATS = ("hf", "small.pt")
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "hf", dtype: torch.dtype = torch.float32,
+def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "hf", dtype: torch.dtype | None = None,
                       overwrite: bool = False, progress: bool = True) -> ModelConfig:
     """Write a megatron checkpoint as an HF directory (streaming, one tensor at a time) or as small.pt
     (one file, so the whole model passes through memory: meant for the small models it describes)."""
     if fmt not in EXPORT_FORMATS:
         raise HypercloneError(f"unknown export format {fmt!r} (choose from {', '.join(EXPORT_FORMATS)})")
     source = open_megatron_source(ckpt)
-    cfg, out = source.config, Path(out)
+    cfg, out, dtype = source.config, Path(out), dtype or source.dtype
     names = stored_shapes(cfg)
     if fmt == "hf":
         with atomic_output_dir(out, overwrite=overwrite, source=Path(ckpt), finish=write_manifest) as tmp:
-            write_hf_checkpoint(tmp, cfg, names, source.get, dtype, progress=progress)
+            write_hf_checkpoint(tmp, cfg, names, source.get, dtype, source_dir=Path(ckpt), progress=progress)
         return cfg
     if out.exists() and not overwrite:
         raise HypercloneError(f"{out} already exists (pass --overwrite to replace it)")

@@ -276,10 +276,12 @@ def causal_attention_mask(seq_len: int, device: torch.device | str = "cpu") -> t
     return (~allowed).view(1, 1, seq_len, seq_len)
 
 
-def forward_logits(models: list, tokens: torch.Tensor, micro_batch_size: int = 1) -> torch.Tensor | None:
+def forward_logits(models: list, tokens: torch.Tensor, micro_batch_size: int = 1,
+                   positions: torch.Tensor | None = None) -> torch.Tensor | None:
     """Forward-only pass of tokens [batch, seq] through megatron's pipeline schedule (PP=1, PP>1 and
-    interleaved alike). Returns float logits [batch, seq, vocab_padded], gathered over tensor parallel,
-    on the last pipeline stage, and None on the other stages. Every rank passes the same tokens."""
+    interleaved alike), at position ids ``positions`` (default 0..seq-1). Returns float logits [batch, seq,
+    vocab_padded], gathered over tensor parallel, on the last pipeline stage, and None on the other stages.
+    Every rank passes the same tokens."""
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -293,7 +295,9 @@ def forward_logits(models: list, tokens: torch.Tensor, micro_batch_size: int = 1
             f"the interleaved schedule needs at least pp={pp} micro-batches, got {num_micro}")
     device = next(models[0].parameters()).device
     tokens = tokens.to(device=device, dtype=torch.long)
-    positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)
+    if positions is None:
+        positions = torch.arange(seq).unsqueeze(0).expand(batch, seq)
+    positions = positions.to(device=device, dtype=torch.long)
     mask = causal_attention_mask(seq, device)
     micro_batches = [(tokens[i:i + micro_batch_size], positions[i:i + micro_batch_size])
                      for i in range(0, batch, micro_batch_size)]

@@ -127,7 +127,8 @@ class TorchDistSource(MegatronSource):
         self.config = ModelConfig.from_dict(args.hyperclone_config)
         self.layout = Layout()
         self.padded_vocab = int(args.padded_vocab_size)
-        self.dtype = torch.float32  # what the slices are read into, whatever was saved
+        saved = getattr(args, "params_dtype", None)
+        self.dtype = saved if isinstance(saved, torch.dtype) else torch.float32  # slices are read in float32
         super().__init__(root, key_prefix)
 
     def local_tensors(self, pp_rank, chunk, local_name, row, layer):

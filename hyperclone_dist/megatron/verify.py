@@ -18,7 +18,7 @@ from hyperclone_dist.megatron import legacy, torch_dist
 from hyperclone_dist.megatron.load import LegacyCheckpoint, read_iteration
 from hyperclone_dist.megatron.model import build_gpt_model, forward_logits, load_chunk_weights
 from hyperclone_dist.megatron.parallel import agreed, init_distributed, init_model_parallel
-from hyperclone_dist.verify import LogitDiff, fixed_batch, logit_diff
+from hyperclone_dist.verify import LogitDiff, combine, window_tokens, windows
 
 
 def load_into_gpt_model(ckpt: LegacyCheckpoint, layout: Layout) -> list:
@@ -59,17 +59,19 @@ def verify_megatron(small: str | Path, ckpt_dir: str | Path, layout: Layout, seq
     is_torch_dist = ckpt is None
     init_model_parallel(layout)
     chunks = torch_dist.load_into_gpt_model(it_dir, layout)[0] if is_torch_dist else load_into_gpt_model(ckpt, layout)
-    seq_len = seq_len or cfg.max_position_embeddings
-    if not 1 <= seq_len <= cfg.max_position_embeddings:
-        raise HypercloneError(f"--seq-len {seq_len} is outside 1..{cfg.max_position_embeddings}")
-    tokens = fixed_batch(cfg.vocab_size, seq_len, batch, seed)
-    micro = 1 if batch >= layout.pp else batch
-    logits = forward_logits(chunks, tokens, micro_batch_size=micro)
-    result = torch.zeros(2, dtype=torch.float64)
-    if logits is not None:
-        reference = load_hf_model(small)(tokens).logits
-        if reference.shape[-1] != cfg.vocab_size:
-            raise HypercloneError(f"vocab sizes differ: small {reference.shape[-1]}, checkpoint {cfg.vocab_size}")
-        result = torch.tensor(logit_diff(reference, logits[..., : cfg.vocab_size]), dtype=torch.float64)
+    checked = windows(cfg.max_position_embeddings, seq_len, batch)
+    reference_model = None
+    result = torch.zeros(len(checked), 2, dtype=torch.float64)  # per window: max |Δ|, max |reference|
+    for k, window in enumerate(checked):
+        tokens, positions = window_tokens(cfg.vocab_size, window, seed)
+        micro = 1 if window.batch >= layout.pp else window.batch
+        logits = forward_logits(chunks, tokens, micro_batch_size=micro, positions=positions)
+        if logits is not None:
+            reference_model = reference_model or load_hf_model(small)
+            reference = reference_model(tokens, position_ids=positions).logits.double()
+            if reference.shape[-1] != cfg.vocab_size:
+                raise HypercloneError(f"vocab sizes differ: small {reference.shape[-1]}, checkpoint {cfg.vocab_size}")
+            other = logits[..., : cfg.vocab_size].double()
+            result[k] = torch.tensor([(reference - other).abs().max().item(), reference.abs().max().item()])
     dist.all_reduce(result, op=dist.ReduceOp.MAX)
-    return LogitDiff(result[0].item(), result[1].item(), seq_len, batch)
+    return combine([tuple(row) for row in result.tolist()], checked)

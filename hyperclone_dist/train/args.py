@@ -24,6 +24,7 @@ from hyperclone_dist.cli.flags import (
     growth_spec,
     layout_from_args,
 )
+from hyperclone_dist.data.tokenizer import HF_TOKENIZER_FILES
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.jsonfile import read_json_object
 from hyperclone_dist.train.run_config import SECTIONS, RunConfig
@@ -103,6 +104,20 @@ def _config_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
     return argv
 
 
+def _has_tokenizer(path: str | None) -> bool:
+    return path is not None and Path(path).is_dir() and any((Path(path) / n).is_file() for n in HF_TOKENIZER_FILES)
+
+
+def check_tokenizer_given(config: RunConfig) -> None:
+    """--data-path names token ids; they mean something only with the tokenizer that made them: given, or the
+    model's own (a --clone-from or --load directory that carries one)."""
+    data, start = config.data, config.start
+    if data.data_path and not data.tokenizer_model and not (_has_tokenizer(start.clone_from)
+                                                            or _has_tokenizer(start.load)):
+        raise HypercloneError("--data-path needs --tokenizer-model (the tokenizer the data was prepared with; "
+                              "a --clone-from model's own is used when it carries one)")
+
+
 def config_from_namespace(ns: argparse.Namespace) -> RunConfig:
     """The RunConfig of a parsed command line; HypercloneError naming the bad value."""
     sections = {}
@@ -124,6 +139,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         given = list(argv) if argv is not None else None
         if first.config:
             given = _config_argv(parser, first.config) + (given if given is not None else sys.argv[1:])
-        return config_from_namespace(parser.parse_args(given))
+        config = config_from_namespace(parser.parse_args(given))
+        check_tokenizer_given(config)
+        return config
     except HypercloneError as exc:
         parser.exit(2, f"{PROG}: error: {exc}\n")

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from hyperclone_dist.checkpoint.atomic import publish, write_bytes_atomic
+from hyperclone_dist.checkpoint.hf_writer import copy_companions
 from hyperclone_dist.checkpoint.manifest import write_manifests_together
 from hyperclone_dist.checkpoint.torch_load import torch_load
 from hyperclone_dist.checkpoint.training_state import DS_TAG_FILE, STATE_FILE
@@ -65,9 +66,12 @@ def _deepspeed_safe_globals() -> list:
 
 
 def save_checkpoint(engine, chunks: list, save_dir: str | Path, step: int, trainer_state: dict,
-                    megatron_args, rng: dict | None = None, moments: bool = True, checksums: bool = True) -> Path:
+                    megatron_args, rng: dict | None = None, moments: bool = True, checksums: bool = True,
+                    tokenizer: Path | None = None) -> Path:
     """Collective: every rank calls it. Returns the published DeepSpeed tag directory. ``checksums``: both
-    directories get a manifest (checkpoint/manifest.py) that ``hyperclone inspect --check`` verifies."""
+    directories get a manifest (checkpoint/manifest.py) that ``hyperclone inspect --check`` verifies.
+    ``tokenizer``: a Hugging Face tokenizer's directory, whose files (and chat template, generation config)
+    are copied beside the checkpoints, for export and for a later run's --clone-from to find."""
     from megatron.core import dist_checkpointing
 
     root = Path(save_dir)
@@ -83,6 +87,11 @@ def save_checkpoint(engine, chunks: list, save_dir: str | Path, step: int, train
             it_tmp.mkdir()
         except OSError as exc:
             error = [f"cannot write checkpoint under {root}: {exc.strerror or exc}"]
+    if rank == 0 and tokenizer is not None and error[0] is None:
+        try:
+            copy_companions(tokenizer, root)
+        except OSError as exc:
+            error = [f"cannot write the tokenizer beside the checkpoints in {root}: {exc.strerror or exc}"]
     dist.broadcast_object_list(error, src=0)
     if error[0]:
         raise HypercloneError(error[0])

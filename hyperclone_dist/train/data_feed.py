@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from hyperclone_dist.data.loader import batch_at, data_parallel_slice
 from hyperclone_dist.data.prepare import prepare_dataset
-from hyperclone_dist.data.tokenizer import MIN_VOCAB_SIZE, train_tokenizer
+from hyperclone_dist.data.tokenizer import MIN_VOCAB_SIZE, tokenizer_info, train_tokenizer
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.layout import Layout
 from hyperclone_dist.train.run_config import BatchOptions
@@ -61,9 +61,18 @@ def batch_plan(batch: BatchOptions, dp: int, seq_length: int, layout: Layout) ->
     return plan
 
 
-def default_corpus(cache_root: Path, vocab_size: int, build: bool = True) -> tuple[Path, Path]:
-    """(prefix, tokenizer) of the embedded corpus (Python's standard library sources) tokenized with a
-    tokenizer of ``vocab_size`` pieces, built under ``cache_root`` the first time (``build``)."""
+def default_corpus(cache_root: Path, vocab_size: int, build: bool = True,
+                   tokenizer: Path | None = None) -> tuple[Path, Path]:
+    """(prefix, tokenizer) of the embedded corpus (Python's standard library sources), built under
+    ``cache_root`` the first time (``build``): tokenized with ``tokenizer`` (a model's own), or else with a
+    sentencepiece tokenizer of ``vocab_size`` pieces trained on it."""
+    if tokenizer is not None:
+        root = cache_root / f"default-corpus-{tokenizer_info(tokenizer).fingerprint[:16]}"
+        prefix = root / "stdlib"
+        if build and not Path(f"{prefix}.idx").is_file():
+            root.mkdir(parents=True, exist_ok=True)
+            prepare_dataset(None, tokenizer, prefix, progress=False)
+        return prefix, tokenizer
     if vocab_size < MIN_VOCAB_SIZE:
         raise HypercloneError(f"the embedded corpus needs a vocabulary of at least {MIN_VOCAB_SIZE} (the "
                               f"model has {vocab_size}); bring data with --data-path/--tokenizer-model")
@@ -77,11 +86,11 @@ def default_corpus(cache_root: Path, vocab_size: int, build: bool = True) -> tup
     return prefix, model
 
 
-def default_data(cache_root: Path, vocab_size: int) -> tuple[list[str], str]:
+def default_data(cache_root: Path, vocab_size: int, tokenizer: Path | None = None) -> tuple[list[str], str]:
     """The embedded corpus for a job: rank 0 builds it if needed, everyone else waits for it."""
     error = [None]
     try:
-        prefix, model = default_corpus(cache_root, vocab_size, build=dist.get_rank() == 0)
+        prefix, model = default_corpus(cache_root, vocab_size, build=dist.get_rank() == 0, tokenizer=tokenizer)
     except (HypercloneError, OSError) as exc:
         error = [str(exc)]
     dist.broadcast_object_list(error, src=0)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from hyperclone_dist.data.loader import DataConfig, build_datasets, parse_blend
-from hyperclone_dist.data.tokenizer import tokenizer_info
+from hyperclone_dist.data.tokenizer import HUGGINGFACE, tokenizer_info
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.megatron import legacy, torch_dist
 from hyperclone_dist.megatron.load import is_megatron_checkpoint, read_iteration
@@ -87,11 +87,11 @@ class Run:
     def setup_data(self) -> None:
         data, cfg = self.config.data, self.start.config
         cache = Path(data.data_cache_path) if data.data_cache_path else default_cache()
-        if data.data_path:
+        tokenizer = data.tokenizer_model or self.start.tokenizer
+        if data.data_path:  # train/args.py made sure a tokenizer is known
             prefixes, weights = parse_blend(list(data.data_path))
-            tokenizer = data.tokenizer_model
-        else:
-            (prefixes, tokenizer), weights = default_data(cache, cfg.vocab_size), None
+        else:  # the embedded corpus, tokenized with the model's own tokenizer where it has one
+            (prefixes, tokenizer), weights = default_data(cache, cfg.vocab_size, tokenizer), None
         info = tokenizer_info(tokenizer)
         if info.vocab_size > cfg.vocab_size:
             raise HypercloneError(f"tokenizer {tokenizer} has {info.vocab_size} pieces but the model's vocabulary "
@@ -105,6 +105,7 @@ class Run:
         self.feed = DataFeed(datasets, self.plan.batches, self.dp_rank, logging.eval_iters, data.data_offset_steps)
         self.data_description = {"prefixes": list(prefixes), "weights": weights, "tokenizer": str(tokenizer),
                                  "split": data.split, "offset_steps": data.data_offset_steps}
+        self.hf_tokenizer = info.model if info.library == HUGGINGFACE else None  # travels with the checkpoints
 
     def setup_model(self) -> None:
         cfg, mode = self.start.config, self.start.mode
@@ -191,7 +192,7 @@ class Run:
         checkpoint = self.config.checkpoint
         path = save_checkpoint(self.engine, self.chunks, checkpoint.save, self.step, self.trainer_state(), args,
                                rng={"torch": torch.get_rng_state()}, moments=checkpoint.save_moments,
-                               checksums=checkpoint.checksums)
+                               checksums=checkpoint.checksums, tokenizer=self.hf_tokenizer)
         self.monitor.print(f"saved {path} (step {self.step})")
 
     def evaluate(self) -> float | None:

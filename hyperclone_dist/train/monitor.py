@@ -45,11 +45,15 @@ def flops_per_token(cfg, seq_length: int) -> float:
     return 6.0 * matrices + 12.0 * L * cfg.q_size * seq_length
 
 
+_SHOWN = ("train/loss", "valid/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s")  # in the log line
+
+
 class Monitor:
     def __init__(self, *, enabled: bool, total_steps: int, start_step: int, out_dir: Path | None,
                  tensorboard_dir: str | None, wandb_project: str | None, wandb_name: str | None,
                  metrics_file: str | None, run_config: dict, progress: bool):
         self.enabled = enabled
+        self._total = total_steps
         self._writer = self._wandb = self._metrics = self._bar = None
         self._last_time = time.perf_counter()
         if not enabled:
@@ -95,10 +99,11 @@ class Monitor:
             self._wandb.log(values, step=step)
         if self._metrics:
             self._metrics.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in values.items() if k in _SHOWN}
         if self._bar:
-            shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in values.items()
-                     if k in ("train/loss", "valid/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s")}
             self._bar.set_postfix(shown, refresh=False)
+        elif shown:  # no bar (--no-progress, a batch job's log): one line per logged step, as Megatron-LM prints
+            print(f"step {step}/{self._total} | " + " | ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
 
     def advance(self, steps: int = 1) -> None:
         if self._bar:

@@ -168,16 +168,15 @@ class DataOptions:
                                              help="megatron indexed datasets (hyperclone data prepare), optionally "
                                              "weighted; default: the embedded corpus (Python's standard library "
                                              "sources)")
-    tokenizer_model: str | None = flag(None, help="the sentencepiece .model the data was prepared with")
+    tokenizer_model: str | None = flag(None, help="the tokenizer the data was prepared with: a sentencepiece .model, "
+                                       "or a Hugging Face tokenizer's directory or tokenizer.json (default: the "
+                                       "--clone-from model's own, when it has one)")
     data_offset_steps: int = flag(0, type=non_negative_int, metavar="K",
                                   help="start at global batch K of the data: a clone can continue the small model's "
                                   "data stream instead of re-reading what it was trained on")
     split: str = flag("949,50,1", help="train,valid,test shares of each dataset's documents")
     data_cache_path: str | None = flag(None, help="index caches (default: beside --save or in .cache)")
 
-    def __post_init__(self):
-        if self.data_path and not self.tokenizer_model:
-            raise HypercloneError("--data-path needs --tokenizer-model (the .model the data was prepared with)")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from hyperclone_dist.checkpoint.training_state import latest_training_state
 from hyperclone_dist.config import ModelConfig
+from hyperclone_dist.data.tokenizer import HF_TOKENIZER_FILES
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.growth.grow import Grower
 from hyperclone_dist.growth.spec import GrowthSpec
@@ -33,6 +34,14 @@ class StartPoint:
     small_config: ModelConfig | None = None  # the clone source's description
     width_factor: int = 1  # copies of every hidden unit (the symmetry monitor compares them)
     resume_state: dict | None = None  # resume: the trainer state of the checkpoint
+    tokenizer: Path | None = None  # the model's own tokenizer, where its source holds one
+
+
+def own_tokenizer(path: str | Path | None) -> Path | None:
+    """The Hugging Face tokenizer a model directory or checkpoint carries, if it carries one."""
+    if path is None or not Path(path).is_dir():
+        return None
+    return Path(path) if any((Path(path) / name).is_file() for name in HF_TOKENIZER_FILES) else None
 
 
 def grown_shape(small: ModelConfig, spec: GrowthSpec) -> ModelConfig:
@@ -76,11 +85,13 @@ def resolve_start(start: StartOptions) -> StartPoint:
         check_representable(grower.large)
         what = f"cloned from {start.clone_from} ({spec.method}, width x{spec.n}, ffn x{spec.m})"
         copies = spec.n if spec.method != "warmstart" else 1  # a warmstart's blocks are not copies of each other
-        return StartPoint(CLONE, grower.large, grower.slice, what, source.config, copies)
+        return StartPoint(CLONE, grower.large, grower.slice, what, source.config, copies,
+                          tokenizer=own_tokenizer(start.clone_from))
     shape = requested_shape(start)
     check_representable(shape)
     return StartPoint(RANDOM, shape, random_init(shape, spec.seed),
-                      f"random init (seed {spec.seed}), shape of {start.clone_from or start.model_config}")
+                      f"random init (seed {spec.seed}), shape of {start.clone_from or start.model_config}",
+                      tokenizer=own_tokenizer(start.clone_from))
 
 
 def _from_checkpoint(start: StartOptions, load: Path) -> StartPoint:
@@ -95,9 +106,11 @@ def _from_checkpoint(start: StartOptions, load: Path) -> StartPoint:
                               f"{saved.hidden_size} vs {requested.hidden_size}, layers {saved.num_layers} vs "
                               f"{requested.num_layers}, ffn {saved.ffn_hidden_size} vs {requested.ffn_hidden_size})")
     check_representable(saved)
+    tokenizer = own_tokenizer(load) or own_tokenizer(start.clone_from)
     if state is None:
-        return StartPoint(LOAD, saved, None, f"loaded from {load}")
-    return StartPoint(RESUME, saved, None, f"resumed from {load} (step {state.get('step')})", resume_state=state)
+        return StartPoint(LOAD, saved, None, f"loaded from {load}", tokenizer=tokenizer)
+    return StartPoint(RESUME, saved, None, f"resumed from {load} (step {state.get('step')})", resume_state=state,
+                      tokenizer=tokenizer)
 
 
 def mup_base_width(point: StartPoint, start: StartOptions, given: int | None) -> int:
