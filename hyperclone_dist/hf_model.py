@@ -66,14 +66,21 @@ def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32, attn_imp
             raise HypercloneError(f"transformers cannot load {path}: {str(exc).splitlines()[0][:200]}") from None
         return model.eval()
     cfg = source.config
+    return build_hf_model(cfg, {name: source.get(name) for name in stored_shapes(cfg)}, path,
+                          attn_implementation).to(dtype).eval()
+
+
+def build_hf_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], what: str | Path = "model",
+                   attn_implementation: str = "eager"):
+    """An HF model of ``cfg`` holding ``tensors`` (canonical, a checkpoint's stored ones); a missing or
+    unexpected tensor is an error naming ``what``."""
     model = hf_model_from_config(cfg, attn_implementation)
-    tensors = {name: source.get(name) for name in stored_shapes(cfg)}
     missing, unexpected = model.load_state_dict(hf_state_dict(cfg, tensors), strict=False)
     tied = [name for name in canonical_shapes(cfg) if is_tied_copy(cfg, name)]
     tied_hf = {hf_name for hf_name, _, _ in hf_names_for(FAMILIES[cfg.family], tied)}
     missing = [k for k in missing if k not in tied_hf]
     if missing or unexpected:
-        raise HypercloneError(f"{path}: HF model mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise HypercloneError(f"{what}: HF model mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if cfg.tie_word_embeddings:
         model.tie_weights()
-    return model.to(dtype).eval()
+    return model

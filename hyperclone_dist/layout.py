@@ -22,6 +22,18 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = DEFAULT_VOCA
     return -(-vocab_size // multiple) * multiple
 
 
+def _uneven_split(layers: int, pp: int) -> tuple[int, int] | None:
+    """First and last stage layer counts, as close to an even split as megatron-core allows, when ``pp``
+    does not divide ``layers``; None when no such split exists or none is needed."""
+    if pp < 3 or layers % pp == 0:
+        return None
+    for share in range(layers // pp + 1, 0, -1):  # the middle stages' share, the ends take the rest
+        ends = layers - share * (pp - 2)
+        if ends >= 2:
+            return ends // 2, ends - ends // 2
+    return None
+
+
 def _set(values: list[int]) -> str:
     return "{" + ", ".join(map(str, values)) + "}"
 
@@ -38,6 +50,8 @@ class Layout:
     vpp: int | None = None  # virtual pipeline stages (model chunks) per pipeline rank; None: one
     vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY  # the vocab is padded to a multiple of this x tp
     spec: str = "local"  # megatron parameter names: local or TransformerEngine (te) layer spec
+    first_stage_layers: int | None = None  # uneven pipeline: layers of the first stage (the rest split evenly)
+    last_stage_layers: int | None = None  # uneven pipeline: layers of the last stage
 
     def __post_init__(self):
         _positive("tp", self.tp)
@@ -51,11 +65,37 @@ class Layout:
                 raise HypercloneError(f"--vpp {self.vpp} (virtual pipeline stages) needs --pp >= 2, got pp={self.pp}")
         if self.spec not in SPECS:
             raise HypercloneError(f"--spec {self.spec!r} must be one of {', '.join(SPECS)}")
+        for flag, value in (("first", self.first_stage_layers), ("last", self.last_stage_layers)):
+            if value is not None:
+                _positive(f"decoder-{flag}-pipeline-num-layers", value)
+                if self.pp < 2:
+                    raise HypercloneError(f"--decoder-{flag}-pipeline-num-layers needs --pp >= 2, got pp={self.pp}")
+                if self.vpp is not None:
+                    raise HypercloneError("uneven pipeline stages (--decoder-first/last-pipeline-num-layers) are "
+                                          "not supported with --vpp here")
 
     @property
     def chunks(self) -> int:
         """Model chunks per pipeline rank."""
         return self.vpp or 1
+
+    @property
+    def uneven(self) -> bool:
+        return self.first_stage_layers is not None or self.last_stage_layers is not None
+
+    def stage_layers(self, num_layers: int) -> list[int]:
+        """Layers of each pipeline stage (with virtual stages: of each stage's chunks together), as
+        megatron-core assigns them: the first and last stage's given counts, the rest split evenly."""
+        first, last = self.first_stage_layers, self.last_stage_layers
+        middle_stages = self.pp - (first is not None) - (last is not None)
+        middle = num_layers - (first or 0) - (last or 0)
+        share = middle // middle_stages if middle_stages else 0
+        counts = [share] * self.pp
+        if first is not None:
+            counts[0] = first
+        if last is not None:
+            counts[-1] = last
+        return counts
 
     @property
     def world(self) -> int:
@@ -66,7 +106,9 @@ class Layout:
         return padded_vocab_size(vocab_size, self.tp, self.vocab_divisible_by)
 
     def describe(self) -> str:
-        return f"tp={self.tp} pp={self.pp}" + (f" vpp={self.vpp}" if self.vpp else "")
+        uneven = (f" (first stage {self.first_stage_layers or 'even'}, last {self.last_stage_layers or 'even'})"
+                  if self.uneven else "")
+        return f"tp={self.tp} pp={self.pp}" + (f" vpp={self.vpp}" if self.vpp else "") + uneven
 
     def validate(self, cfg: ModelConfig, world_size: int | None = None) -> None:
         """Refuse, in one line naming the numbers and the values that would work, a layout megatron-core
@@ -74,11 +116,18 @@ class Layout:
         allowed = [t for t in range(1, cfg.num_heads + 1) if self._splits(cfg, t)]
         if self.tp not in allowed:
             raise HypercloneError(f"{self._split_problem(cfg)}: this model allows --tp in {_set(allowed)}")
+        if self.uneven:
+            self._validate_uneven(cfg.num_layers)
+            return self.check_world(world_size) if world_size is not None else None
         stages = self.pp * self.chunks
         if cfg.num_layers % stages:
             layers = cfg.num_layers
             if self.vpp is None:
                 way_out = f"this model allows --pp in {_set([p for p in range(1, layers + 1) if layers % p == 0])}"
+                uneven = _uneven_split(layers, self.pp)
+                if uneven:
+                    way_out += (f", or uneven stages: --decoder-first-pipeline-num-layers {uneven[0]} "
+                                f"--decoder-last-pipeline-num-layers {uneven[1]}")
             else:
                 vpps = [v for v in range(2, layers + 1) if layers % (self.pp * v) == 0]
                 way_out = (f"at --pp {self.pp} this model allows --vpp in {_set(vpps)} or none"
@@ -108,6 +157,18 @@ class Layout:
             return f"query groups / kv heads ({groups}) are neither divisible by tp={tp} nor a divisor of it"
         return (f"the fused QKV rows ({cfg.q_size + 2 * cfg.kv_size}) are not divisible by tp={tp} "
                 f"({groups} query groups shared by {tp // groups} ranks each)")
+
+    def _validate_uneven(self, num_layers: int) -> None:
+        first, last = self.first_stage_layers, self.last_stage_layers
+        middle_stages = self.pp - (first is not None) - (last is not None)
+        middle = num_layers - (first or 0) - (last or 0)
+        given = " + ".join(f"{n} ({where})" for n, where in ((first, "first"), (last, "last")) if n is not None)
+        if middle < 0 or bool(middle) != bool(middle_stages) or (middle_stages and middle % middle_stages):
+            uneven = _uneven_split(num_layers, self.pp)
+            hint = (f": e.g. --decoder-first-pipeline-num-layers {uneven[0]} --decoder-last-pipeline-num-layers "
+                    f"{uneven[1]}" if uneven else "")
+            raise HypercloneError(f"layers ({num_layers}) minus {given} leave {middle} for {middle_stages} middle "
+                                  f"pipeline stages, which must split them evenly{hint}")
 
     def check_world(self, world_size: int) -> None:
         """The part of ``validate`` that needs no model: data parallel must be a whole number of ranks."""

@@ -49,6 +49,8 @@ def test_project_imports_are_at_module_top_and_acyclic():
         tree = ast.parse(path.read_text())
         graph[name] = {m for node in tree.body for m in _imported(node, modules)}
         for node in ast.walk(tree):
+            if name == "hyperclone_dist" and getattr(node, "name", None) == "__getattr__":
+                continue  # the package's lazy ``hyperclone_dist.grow`` (PEP 562): the one deferred import
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 late += [f"{path.relative_to(REPO)}:{n.lineno} imports {m}" for n in ast.walk(node)
                          for m in _imported(n, modules)]

@@ -21,7 +21,11 @@ CASES = {  # id: (layout flags, ranks of the job, the verdict)
     "query-groups": (["--tp", "4"], 4, "query groups / kv heads (6) are neither divisible by tp=4 nor a divisor "
                                        "of it: this model allows --tp in {1, 2, 3, 6, 12}"),
     "layers": (["--pp", "3"], 3, "layers (4) are not divisible by pp x vpp = 3 x 1 = 3: this model allows --pp "
-                                 "in {1, 2, 4}"),
+                                 "in {1, 2, 4}, or uneven stages: --decoder-first-pipeline-num-layers 1 "
+                                 "--decoder-last-pipeline-num-layers 1"),
+    "uneven": (["--pp", "3", "--decoder-first-pipeline-num-layers", "3"], 3,
+               "layers (4) minus 3 (first) leave 1 for 2 middle pipeline stages, which must split them evenly: e.g. "
+               "--decoder-first-pipeline-num-layers 1 --decoder-last-pipeline-num-layers 1"),
     "layers-vpp": (["--pp", "2", "--vpp", "3"], 2, "layers (4) are not divisible by pp x vpp = 2 x 3 = 6: at "
                                                    "--pp 2 this model allows --vpp in {2} or none"),
 }

@@ -43,18 +43,30 @@ LEGACY_CASES = {  # id: (tiny model, growth flags, layout flags)
     "gpt2-tied-tp2-pp2": ("gpt2-tied", ["--width-factor", "2", "--method", "noisy"], ["--tp", "2", "--pp", "2"]),
     "gpt2-depth-vpp2": ("gpt2-tied", ["--width-factor", "2", "--insert-layers", "every:1"],
                         ["--tp", "2", "--pp", "2", "--vpp", "2"]),
+    # uneven pipeline stages (megatron-core's first/last-stage layer counts): 1 + 2 + 1 of the 4 grown layers
+    "llama-depth-pp3-uneven": ("llama-gqa2", ["--width-factor", "2", "--insert-layers", "every:1"],
+                               ["--pp", "3", "--decoder-first-pipeline-num-layers", "1",
+                                "--decoder-last-pipeline-num-layers", "1"]),
     # 1 kv head grown x2: 2 query groups on 4 TP ranks, each group shared by 2 ranks
     "llama-mqa-kv-below-tp4": ("llama-mqa-tied-bias", ["--width-factor", "2", "--method", "noisy"], ["--tp", "4"]),
 }
 TORCH_DIST_CASES = {  # id: (tiny model, growth flags, processes writing, layouts loaded at: [(processes, flags)])
-    "llama-1-writer": ("llama-gqa2", ["--width-factor", "2", "--method", "noisy"], 1,
-                       [(1, []), (4, ["--tp", "4"]), (4, ["--tp", "2", "--pp", "2"])]),
+    "llama-1-writer": ("llama-gqa2", ["--width-factor", "2", "--insert-layers", "every:1", "--method", "noisy"], 1,
+                       [(1, []), (4, ["--tp", "4"]), (4, ["--tp", "2", "--pp", "2"]),
+                        (3, ["--pp", "3", "--decoder-first-pipeline-num-layers", "1",
+                             "--decoder-last-pipeline-num-layers", "1"])]),
     "gpt2-4-writers": ("gpt2-tied", ["--width-factor", "2", "--insert-layers", "every:1", "--method",
                                      "noisy-diagonal"], 4, [(4, ["--pp", "4"]), (4, ["--tp", "2", "--pp", "2",
                                                                                       "--vpp", "2"])]),
 }
 TD_FLAGS = ["--format", "torch_dist", "--tp", "2", "--pp", "2", "--width-factor", "2", "--method", "noisy",
             "--no-progress"]
+
+
+def ranks(layout: list[str]) -> int:
+    """tp x pp of layout flags: the processes a verification at that layout takes."""
+    sizes = {flag: int(value) for flag, value in zip(layout, layout[1:]) if flag in ("--tp", "--pp")}
+    return sizes.get("--tp", 1) * sizes.get("--pp", 1)
 
 
 def step(name: str, *argv, nproc: int = 1) -> dict:
@@ -75,7 +87,7 @@ def runs(tiny_model_dirs, tmp_path_factory) -> dict:
         src, out = tiny_model_dirs[model], root / name / "ckpt"
         steps += [step(f"{name} convert", "convert", src, "--out", out, "--format", "legacy", "--no-progress",
                        *growth, *layout, nproc=2),
-                  step(f"{name} verify", "verify", src, out, *layout, nproc=4),
+                  step(f"{name} verify", "verify", src, out, *layout, nproc=ranks(layout)),
                   *export_steps(name, src, out, growth, root)]
     for name, (model, growth, writers, loads) in TORCH_DIST_CASES.items():
         src, out = tiny_model_dirs[model], root / name / "ckpt"

@@ -52,6 +52,8 @@ LAYOUTS = {  # name: (processes, flags, launcher, what the job must report as "t
     "tp2-dp2-zero2": (4, ["--tp", "2", "--deepspeed_config", ZERO2], "warm", "tp=2 pp=1 dp=2"),
     "tp2-pp2": (4, ["--tp", "2", "--pp", "2"], "warm", "tp=2 pp=2 dp=1"),
     "pp2-vpp2-dp2": (4, ["--pp", "2", "--vpp", "2"], "warm", "tp=1 pp=2 dp=2 vpp=2"),
+    "pp3-uneven": (3, ["--pp", "3", "--decoder-first-pipeline-num-layers", "1", "--decoder-last-pipeline-num-layers",
+                       "1"], "warm", "tp=1 pp=3 dp=1"),  # stages of 1, 2 and 1 layers
     "tp2-pp2-zero1-deepspeed": (4, ["--tp", "2", "--pp", "2", "--deepspeed_config", ZERO1], "deepspeed",
                                 "tp=2 pp=2 dp=1"),
 }

@@ -57,6 +57,10 @@ def add_layout_flags(p: argparse.ArgumentParser, what: str, megatron_names: bool
                    help=f"{what}: pipeline-parallel size")
     g.add_argument(*long.get("vpp", []), "--vpp", dest="vpp", type=int, default=None,
                    help=f"{what}: virtual pipeline stages per pipeline rank")
+    g.add_argument("--decoder-first-pipeline-num-layers", dest="first_stage_layers", type=int, default=None,
+                   metavar="N", help=f"{what}: layers of the first pipeline stage (uneven stages; Megatron-LM's flag)")
+    g.add_argument("--decoder-last-pipeline-num-layers", dest="last_stage_layers", type=int, default=None,
+                   metavar="N", help=f"{what}: layers of the last pipeline stage")
     if padding:
         g.add_argument("--spec", choices=SPECS, default="local",
                        help=f"{what}: parameter names of the local or the TransformerEngine layer spec")
@@ -66,4 +70,5 @@ def add_layout_flags(p: argparse.ArgumentParser, what: str, megatron_names: bool
 
 def layout_from_args(args: argparse.Namespace) -> Layout:
     extra = {k: getattr(args, k) for k in ("spec", "vocab_divisible_by") if hasattr(args, k)}
-    return Layout(tp=args.tp, pp=args.pp, vpp=args.vpp, **extra)
+    return Layout(tp=args.tp, pp=args.pp, vpp=args.vpp, first_stage_layers=args.first_stage_layers,
+                  last_stage_layers=args.last_stage_layers, **extra)

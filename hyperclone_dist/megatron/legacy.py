@@ -43,6 +43,8 @@ def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, iteratio
         vocab_size=cfg.vocab_size, make_vocab_size_divisible_by=layout.vocab_divisible_by,
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
+        decoder_first_pipeline_num_layers=layout.first_stage_layers,
+        decoder_last_pipeline_num_layers=layout.last_stage_layers,
         normalization="RMSNorm" if cfg.norm == "rmsnorm" else "LayerNorm", norm_epsilon=cfg.norm_eps,
         swiglu=cfg.gated_mlp and cfg.activation == "silu",
         position_embedding_type="rope" if cfg.position_embedding == "rope" else "learned_absolute",

@@ -46,7 +46,9 @@ class LegacyCheckpoint:
         self.config = ModelConfig.from_dict(config)
         self.layout = Layout(tp=self.args.tensor_model_parallel_size, pp=self.args.pipeline_model_parallel_size,
                              vpp=self.args.virtual_pipeline_model_parallel_size,
-                             vocab_divisible_by=self.args.make_vocab_size_divisible_by)
+                             vocab_divisible_by=self.args.make_vocab_size_divisible_by,
+                             first_stage_layers=getattr(self.args, "decoder_first_pipeline_num_layers", None),
+                             last_stage_layers=getattr(self.args, "decoder_last_pipeline_num_layers", None))
         self.padded_vocab = int(self.args.padded_vocab_size)
 
     def _rank_file(self, tp_rank: int, pp_rank: int) -> Path:

@@ -72,7 +72,12 @@ TE_RENAMES = {
 
 def chunk_layers(num_layers: int, layout: Layout, pp_rank: int, chunk: int) -> list[int]:
     """Global layer indices of model chunk ``chunk`` on pipeline rank ``pp_rank`` (megatron's
-    interleaved assignment: chunk v of rank p holds the (v * pp + p)-th block of layers)."""
+    interleaved assignment: chunk v of rank p holds the (v * pp + p)-th block of layers; uneven stages:
+    the layout's counts, in stage order)."""
+    if layout.uneven:
+        counts = layout.stage_layers(num_layers)
+        first = sum(counts[:pp_rank])
+        return list(range(first, first + counts[pp_rank]))
     per_chunk = num_layers // (layout.pp * layout.chunks)
     first = (chunk * layout.pp + pp_rank) * per_chunk
     return list(range(first, first + per_chunk))

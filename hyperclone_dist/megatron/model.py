@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.errors import HypercloneError
-from hyperclone_dist.layout import DEFAULT_VOCAB_DIVISIBLE_BY, Layout
+from hyperclone_dist.layout import Layout
 from hyperclone_dist.megatron.cpu_shims import apply_cpu_shims
 
 
@@ -169,6 +169,8 @@ def transformer_config(cfg: ModelConfig, layout: Layout = Layout(), dtype: torch
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
+        num_layers_in_first_pipeline_stage=layout.first_stage_layers,
+        num_layers_in_last_pipeline_stage=layout.last_stage_layers,
         # gloo pairs interleaved-schedule sends to the same peer wrongly when they are batched
         batch_p2p_comm=not (layout.vpp is not None and _p2p_backend_is_gloo()),
         params_dtype=dtype,
@@ -188,11 +190,11 @@ def transformer_config(cfg: ModelConfig, layout: Layout = Layout(), dtype: torch
     return TransformerConfig(**values)
 
 
-def build_gpt_model(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32,
-                    perform_initialization: bool = True, padded_vocab: int | None = None,
-                    vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY, **overrides: Any) -> list:
-    """This rank's GPTModel chunks (one per virtual pipeline stage, a single one without vpp) for the layout
-    set by init_model_parallel. padded_vocab defaults to the layout's padding of cfg.vocab_size."""
+def build_gpt_model(cfg: ModelConfig, layout: Layout | None = None, *, dtype: torch.dtype = torch.float32,
+                    perform_initialization: bool = True, padded_vocab: int | None = None, **overrides: Any) -> list:
+    """This rank's GPTModel chunks (one per virtual pipeline stage, a single one without vpp) for ``layout``,
+    the one init_model_parallel set up (default: read from megatron's parallel state, even stages).
+    padded_vocab defaults to the layout's padding of cfg.vocab_size."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -200,10 +202,9 @@ def build_gpt_model(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32,
     apply_cpu_shims()
     if not parallel_state.model_parallel_is_initialized():
         raise HypercloneError("build_gpt_model needs init_model_parallel(tp, pp, vpp) first")
-    layout = Layout(tp=parallel_state.get_tensor_model_parallel_world_size(),
-                    pp=parallel_state.get_pipeline_model_parallel_world_size(),
-                    vpp=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
-                    vocab_divisible_by=vocab_divisible_by)
+    layout = layout or Layout(tp=parallel_state.get_tensor_model_parallel_world_size(),
+                              pp=parallel_state.get_pipeline_model_parallel_world_size(),
+                              vpp=parallel_state.get_virtual_pipeline_model_parallel_world_size())
     if padded_vocab is None:
         padded_vocab = layout.padded_vocab(cfg.vocab_size)
     if padded_vocab < cfg.vocab_size or padded_vocab % layout.tp:

@@ -77,8 +77,7 @@ def save_grown(grower: Grower, layout: Layout, iteration_dir: Path, dtype: torch
     from megatron.core import dist_checkpointing, parallel_state
     from torch.distributed.checkpoint import FileSystemReader
 
-    chunks = build_gpt_model(grower.large, dtype=dtype, perform_initialization=False,
-                             vocab_divisible_by=layout.vocab_divisible_by)
+    chunks = build_gpt_model(grower.large, layout, dtype=dtype, perform_initialization=False)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     fill_chunks(chunks, grower.large, layout, tp_rank, pp_rank, grower.slice)
@@ -121,7 +120,7 @@ def load_into_gpt_model(iteration_dir: Path, layout: Layout) -> tuple[list, Mode
     padded = int(args.padded_vocab_size)
     if padded % layout.tp:
         raise HypercloneError(f"the checkpoint's padded vocab ({padded}) is not divisible by tp={layout.tp}")
-    chunks = build_gpt_model(cfg, perform_initialization=False, padded_vocab=padded)
+    chunks = build_gpt_model(cfg, layout, perform_initialization=False, padded_vocab=padded)
     state = {key: chunk.sharded_state_dict() for key, chunk in zip(model_state_keys(chunks), chunks)}
     with safe_common_load(), damage_reported(iteration_dir):
         loaded = dist_checkpointing.load(state, str(iteration_dir))

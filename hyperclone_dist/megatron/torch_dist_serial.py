@@ -125,8 +125,7 @@ def save_grown_serially(grower: Grower, layout: Layout, iteration_dir: Path, dty
             try:
                 for rank in range(layout.world):
                     _become_rank(rank, layout)
-                    chunks = build_gpt_model(grower.large, dtype=dtype, perform_initialization=False,
-                                             vocab_divisible_by=layout.vocab_divisible_by)
+                    chunks = build_gpt_model(grower.large, layout, dtype=dtype, perform_initialization=False)
                     memory.lend(chunks)
                     fill_chunks(chunks, grower.large, layout, parallel_state.get_tensor_model_parallel_rank(),
                                 parallel_state.get_pipeline_model_parallel_rank(), grower.slice)

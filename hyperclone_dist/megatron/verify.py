@@ -26,10 +26,11 @@ def load_into_gpt_model(ckpt: LegacyCheckpoint, layout: Layout) -> list:
     from megatron.core import parallel_state  # heavy: imported once a job runs
 
     saved = ckpt.layout
-    if (saved.tp, saved.pp, saved.chunks) != (layout.tp, layout.pp, layout.chunks):
+    if saved.stage_layers(ckpt.config.num_layers) != layout.stage_layers(ckpt.config.num_layers) or (
+            (saved.tp, saved.pp, saved.chunks) != (layout.tp, layout.pp, layout.chunks)):
         raise HypercloneError(f"{ckpt.root} is a legacy checkpoint saved at {saved.describe()}; legacy "
                               "checkpoints load only at that layout")
-    chunks = build_gpt_model(ckpt.config, perform_initialization=False, padded_vocab=ckpt.padded_vocab)
+    chunks = build_gpt_model(ckpt.config, layout, perform_initialization=False, padded_vocab=ckpt.padded_vocab)
     states = ckpt.rank_state_dicts(parallel_state.get_tensor_model_parallel_rank(),
                                    parallel_state.get_pipeline_model_parallel_rank())
     for chunk, state in zip(chunks, states):

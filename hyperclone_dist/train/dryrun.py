@@ -75,7 +75,7 @@ def estimate(config: RunConfig, cfg: ModelConfig, plan: RunPlan, zero: int) -> l
                     for n in local_shape(cfg, layout, row, layer):
                         count *= n
                     numel += count
-                layers += cfg.num_layers // (layout.pp * layout.chunks)
+            layers = layout.stage_layers(cfg.num_layers)[pp_rank]
             model_state = numel * per_param
             activations = per_layer * layers * max(1, in_flight - pp_rank)
             if pp_rank == layout.pp - 1:

@@ -83,6 +83,8 @@ class Run:
         self.dp_rank = ps.get_data_parallel_rank()
         # what a resume must match: DeepSpeed's optimizer partitions are tied to it
         self.layout_record = {"tp": self.layout.tp, "pp": self.layout.pp, "vpp": self.layout.vpp, "dp": self.plan.dp}
+        if self.layout.uneven:
+            self.layout_record["stage_layers"] = self.layout.stage_layers(self.start.config.num_layers)
 
     def setup_data(self) -> None:
         data, cfg = self.config.data, self.start.config
@@ -115,7 +117,8 @@ class Run:
         else:
             self.padded_vocab = self.layout.padded_vocab(cfg.vocab_size)
         overrides = {"softmax_scale": 1.0 / cfg.head_dim} if self.config.optim.mup_attention_scale else {}
-        self.chunks = build_gpt_model(cfg, dtype=dtype, perform_initialization=False, padded_vocab=self.padded_vocab,
+        self.chunks = build_gpt_model(cfg, self.layout, dtype=dtype, perform_initialization=False,
+                                      padded_vocab=self.padded_vocab,
                                       **overrides)
         if self.start.slice_fn is not None:
             fill_chunks(self.chunks, cfg, self.layout, self.tp_rank, self.pp_rank, self.start.slice_fn)
