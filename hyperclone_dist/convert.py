@@ -26,6 +26,7 @@ class ConvertResult:
     small: ModelConfig
     large: ModelConfig
     largest_shard_bytes: int
+    dtype: torch.dtype  # of the written weights
 
 
 @torch.inference_mode()
@@ -55,4 +56,4 @@ def convert(src: str | Path, out: str | Path, spec: GrowthSpec, *, fmt: str = "h
         out_dtype = DTYPES[dtype] if dtype else source.dtype
         largest = write_hf_checkpoint(tmp, grower.large, canonical, grower.full, out_dtype, shard_bytes,
                                       source_dir=src if src.is_dir() else None, progress=progress)
-    return ConvertResult(out, source.config, grower.large, largest)
+    return ConvertResult(out, source.config, grower.large, largest, out_dtype)

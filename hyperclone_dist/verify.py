@@ -31,15 +31,17 @@ class Window:
         return f"{self.batch} x {self.length} tokens at positions {self.first_position}-{last}"
 
 
-def windows(context: int, seq_len: int | None, batch: int) -> list[Window]:
-    """What a comparison covers (see the module docstring)."""
+def windows(context: int, seq_len: int | None, batch: int, tail: bool = True) -> list[Window]:
+    """What a comparison covers (see the module docstring); ``tail=False``: no window at the end of the
+    context (megatron-core applies RoPE by a token's index in the sequence, not by its position id)."""
     if seq_len is not None:
         if not 1 <= seq_len <= context:
             raise HypercloneError(f"--seq-len {seq_len} is outside 1..{context} (the models' context)")
         return [Window(batch, seq_len, 0)]
     if context <= 2 * DEFAULT_WINDOW:
         return [Window(batch, context, 0)]
-    return [Window(batch, DEFAULT_WINDOW, 0), Window(1, DEFAULT_WINDOW, context - DEFAULT_WINDOW)]
+    head = [Window(batch, DEFAULT_WINDOW, 0)]
+    return [*head, Window(1, DEFAULT_WINDOW, context - DEFAULT_WINDOW)] if tail else head
 
 
 @dataclass

@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 
+import torch
 import torch.distributed as dist
 
 from hyperclone_dist.cli.flags import (
@@ -67,8 +68,16 @@ def _write_megatron(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         g = result.large
         print(f"wrote {result.out}: {args.format} {layout.describe()}, {g.family} hidden {g.hidden_size}, "
-              f"ffn {g.ffn_hidden_size}, layers {g.num_layers}")
+              f"ffn {g.ffn_hidden_size}, layers {g.num_layers}, {str(result.dtype).removeprefix('torch.')}")
+        _note_rounding(args.method, result.dtype)
     return 0
+
+
+def _note_rounding(method: str, dtype) -> None:
+    """A noisy clone's paired blocks cancel exactly only where they are not rounded apart."""
+    if method in ("noisy", "noisy-diagonal") and dtype in (torch.bfloat16, torch.float16):
+        print(f"note: the noisy blocks were rounded to {str(dtype).removeprefix('torch.')} one by one, so they no "
+              "longer cancel exactly (verify shows ~1e-3); --dtype float32 keeps the function to 1e-5")
 
 
 def _verify_megatron(args: argparse.Namespace) -> int:
@@ -154,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                              progress=not args.no_progress, checksums=not args.no_checksums)
             s, g = result.small, result.large
             print(f"wrote {result.out}: {g.family} hidden {s.hidden_size}->{g.hidden_size}, "
-                  f"ffn {s.ffn_hidden_size}->{g.ffn_hidden_size}, layers {s.num_layers}->{g.num_layers}")
+                  f"ffn {s.ffn_hidden_size}->{g.ffn_hidden_size}, layers {s.num_layers}->{g.num_layers}, "
+                  f"{str(result.dtype).removeprefix('torch.')}")
+            _note_rounding(args.method, result.dtype)
             return 0
         if args.command == "verify":
             if is_megatron_checkpoint(args.grown):

@@ -44,6 +44,7 @@ class MegatronConvertResult:
     large: ModelConfig
     ranks_written: int
     bytes_written: int
+    dtype: torch.dtype  # of the written weights
 
 
 def _dist():
@@ -90,7 +91,7 @@ def _grow_and_write(src: Path, out: Path, spec: GrowthSpec, layout: Layout, fmt:
     except Exception as exc:  # every process must reach _finish, or the others wait forever
         failure = exc
     _finish(src, out, tmp, dist, rank, failure, checksums)
-    return MegatronConvertResult(out, grower.large, len(mine), written)
+    return MegatronConvertResult(out, grower.large, len(mine), written, dtype)
 
 
 def _grower(src: Path, spec: GrowthSpec, layout: Layout) -> tuple[Grower, torch.dtype]:
@@ -125,7 +126,7 @@ def _convert_torch_dist(src: Path, out: Path, grower: Grower, layout: Layout, dt
     except Exception as exc:  # every process must reach _finish, or the others wait forever
         failure = exc
     _finish(src, out, tmp, dist, rank, failure, checksums, hashed)
-    return MegatronConvertResult(out, grower.large, 1, written)
+    return MegatronConvertResult(out, grower.large, 1, written, dtype)
 
 
 def _convert_torch_dist_serially(src: Path, out: Path, grower: Grower, layout: Layout, dtype: torch.dtype,
@@ -141,7 +142,7 @@ def _convert_torch_dist_serially(src: Path, out: Path, grower: Grower, layout: L
     except Exception as exc:  # cleaned up below, whatever it was
         failure = exc
     _finish(src, out, tmp, None, 0, failure, checksums, hashed)
-    return MegatronConvertResult(out, grower.large, layout.world, written)
+    return MegatronConvertResult(out, grower.large, layout.world, written, dtype)
 
 
 def _shared_tmp_dir(out: Path, overwrite: bool, src: Path, dist, rank: int) -> Path:

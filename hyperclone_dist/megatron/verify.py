@@ -60,7 +60,8 @@ def verify_megatron(small: str | Path, ckpt_dir: str | Path, layout: Layout, seq
     is_torch_dist = ckpt is None
     init_model_parallel(layout)
     chunks = torch_dist.load_into_gpt_model(it_dir, layout)[0] if is_torch_dist else load_into_gpt_model(ckpt, layout)
-    checked = windows(cfg.max_position_embeddings, seq_len, batch)
+    # GPTModel's RoPE rotates by a token's index, not its position id: the end of the context only by --seq-len
+    checked = windows(cfg.max_position_embeddings, seq_len, batch, tail=cfg.position_embedding == "learned")
     reference_model = None
     result = torch.zeros(len(checked), 2, dtype=torch.float64)  # per window: max |Δ|, max |reference|
     for k, window in enumerate(checked):
