@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from hyperclone_dist.config import ModelConfig
-from hyperclone_dist.params import rule_for, stored_shapes
+from hyperclone_dist.params import rule_for, stored_shapes, vector_fill
 
 BUILTIN = ModelConfig(
     family="llama", vocab_size=512, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -23,7 +23,7 @@ def random_state_dict(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor
         init = rule_for(name).mup
         noise = torch.randn(shape, generator=generator)
         if init == "one":
-            state[name] = 1.0 + 0.1 * noise
+            state[name] = vector_fill(cfg, rule_for(name)) + 0.1 * noise
         elif init == "zero":
             state[name] = 0.02 * noise
         else:

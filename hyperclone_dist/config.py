@@ -10,11 +10,13 @@ from hyperclone_dist.errors import HypercloneError
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
+QK_NORMS = (None, "head", "projection")
+SUBLAYER_NORMS = ("pre", "sandwich", "output")
 
 
 @dataclass
 class ModelConfig:
-    family: str  # a key of hyperclone_dist.families.FAMILIES: gpt2, llama, mistral, qwen2, opt, gpt_neox
+    family: str  # a key of hyperclone_dist.families.FAMILIES (gpt2, llama, qwen3, gemma3_text, olmo2, ...)
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -39,6 +41,12 @@ class ModelConfig:
     parallel_residual: bool = False  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
     pre_norm: bool = True  # False: post-LN blocks (OPT-350M style)
     final_norm: bool = True  # a norm before the head (post-LN OPT has none)
+    sublayer_norms: str = "pre"  # pre: norm -> sublayer; sandwich (Gemma 2/3): norm -> sublayer -> norm;
+    #                              output (OLMo-2): sublayer -> norm, each before its residual add
+    qk_norm: str | None = None  # RMSNorm of queries and keys: per head (Qwen3, Gemma 3) or over the
+    #                             whole projection (OLMo-2)
+    norm_unit_offset: bool = False  # Gemma: a norm multiplies by (1 + weight); the weight stored is the offset
+    embedding_scale: bool = False  # Gemma: the embedding's output is multiplied by sqrt(hidden_size)
     init_std: float = 0.02  # base init std (HF initializer_range); used by muP warmstart
     hf_extra: dict[str, Any] = field(default_factory=dict)  # HF config keys passed through untouched
 
@@ -57,6 +65,11 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise HypercloneError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.sublayer_norms not in SUBLAYER_NORMS:
+            raise HypercloneError(f"config field sublayer_norms={self.sublayer_norms!r} must be one of "
+                                  f"{SUBLAYER_NORMS}")
+        if self.qk_norm not in QK_NORMS:
+            raise HypercloneError(f"config field qk_norm={self.qk_norm!r} must be one of {QK_NORMS}")
         if not 0.0 < self.rotary_percent <= 1.0:
             raise HypercloneError(f"rotary_percent={self.rotary_percent} must be in (0, 1]")
 
@@ -71,6 +84,24 @@ class ModelConfig:
     @property
     def learned_positions(self) -> bool:
         return self.position_embedding == "learned"
+
+    @property
+    def input_norms(self) -> bool:
+        """A norm before attention and before the MLP (every family but OLMo-2)."""
+        return self.sublayer_norms in ("pre", "sandwich")
+
+    @property
+    def output_norms(self) -> bool:
+        """A norm on the attention and MLP outputs, before each residual add (Gemma 2/3, OLMo-2)."""
+        return self.sublayer_norms in ("sandwich", "output")
+
+    @property
+    def head_qk_norm(self) -> bool:
+        return self.qk_norm == "head"
+
+    @property
+    def projection_qk_norm(self) -> bool:
+        return self.qk_norm == "projection"
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)

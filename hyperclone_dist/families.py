@@ -26,7 +26,6 @@ class Family:
     implied: dict[str, Any]  # ModelConfig fields fixed by the architecture
     transposed: frozenset[str] = frozenset()  # HF names stored [in, out] (GPT-2 Conv1D)
     qkv_fusion: str | None = None  # "concat": [q; k; v] rows, "per_head": [q_h; k_h; v_h] per head
-    megatron_ok: bool = True  # representable by megatron-core GPTModel
 
 
 _LLAMA_NAMES = {
@@ -66,6 +65,21 @@ _LLAMA_KEYS = {
     "tie_word_embeddings": "tie_word_embeddings",
 }
 _ROPE_GATED = dict(norm="rmsnorm", norm_bias=False, gated_mlp=True, position_embedding="rope")
+_NO_BIAS = dict(qkv_bias=False, attn_out_bias=False, mlp_bias=False)
+
+_ATTN = "model.layers.{i}.self_attn."
+_HEAD_QK_NORMS = {_ATTN + "q_norm.weight": "layers.{i}.attn.q_norm.weight",
+                  _ATTN + "k_norm.weight": "layers.{i}.attn.k_norm.weight"}
+# Gemma 2/3: a norm before and after each sublayer; HF's post_attention_layernorm is the one after attention
+_SANDWICH_NAMES = {k: v for k, v in _LLAMA_NAMES.items() if "post_attention_layernorm" not in k} | {
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.attn_out_norm.weight",
+    "model.layers.{i}.pre_feedforward_layernorm.weight": "layers.{i}.mlp_norm.weight",
+    "model.layers.{i}.post_feedforward_layernorm.weight": "layers.{i}.mlp_out_norm.weight",
+}
+# Gemma: (1 + w) RMSNorm, embedding times sqrt(hidden), tanh-GELU gated MLP ("GeGLU")
+_GEMMA = _ROPE_GATED | dict(mlp_bias=False, norm_unit_offset=True, embedding_scale=True)
+_ATTN_BIAS_KEYS = {"qkv_bias": "attention_bias", "attn_out_bias": "attention_bias"}
+_GEMMA2_KEYS = _LLAMA_KEYS | _ATTN_BIAS_KEYS | {"activation": "hidden_activation"}
 
 FAMILIES: dict[str, Family] = {
     "gpt2": Family(
@@ -122,6 +136,27 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family(model_type="qwen2", architecture="Qwen2ForCausalLM", names=_LLAMA_NAMES,
                     config_keys=_LLAMA_KEYS,
                     implied=_ROPE_GATED | dict(qkv_bias=True, attn_out_bias=False, mlp_bias=False)),
+    "qwen3": Family(model_type="qwen3", architecture="Qwen3ForCausalLM", names=_LLAMA_NAMES | _HEAD_QK_NORMS,
+                    config_keys=_LLAMA_KEYS | _ATTN_BIAS_KEYS,
+                    implied=_ROPE_GATED | dict(mlp_bias=False, qk_norm="head")),
+    "gemma": Family(model_type="gemma", architecture="GemmaForCausalLM", names=_LLAMA_NAMES,
+                    config_keys=_LLAMA_KEYS, implied=_GEMMA),
+    "gemma2": Family(model_type="gemma2", architecture="Gemma2ForCausalLM", names=_SANDWICH_NAMES,
+                     config_keys=_GEMMA2_KEYS, implied=_GEMMA | dict(sublayer_norms="sandwich")),
+    "gemma3_text": Family(model_type="gemma3_text", architecture="Gemma3ForCausalLM",
+                          names=_SANDWICH_NAMES | _HEAD_QK_NORMS, config_keys=_GEMMA2_KEYS,
+                          implied=_GEMMA | dict(sublayer_norms="sandwich", qk_norm="head")),
+    "olmo2": Family(
+        model_type="olmo2", architecture="Olmo2ForCausalLM",
+        # a norm after each sublayer only, and q/k norms over the whole projection
+        names={k: v for k, v in _LLAMA_NAMES.items() if "layernorm" not in k} | {
+            "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.attn_out_norm.weight",
+            "model.layers.{i}.post_feedforward_layernorm.weight": "layers.{i}.mlp_out_norm.weight",
+            _ATTN + "q_norm.weight": "layers.{i}.attn.q_proj_norm.weight",
+            _ATTN + "k_norm.weight": "layers.{i}.attn.k_proj_norm.weight",
+        },
+        config_keys=_LLAMA_KEYS | _ATTN_BIAS_KEYS,
+        implied=_ROPE_GATED | dict(mlp_bias=False, sublayer_norms="output", qk_norm="projection")),
     "opt": Family(
         model_type="opt",
         architecture="OPTForCausalLM",
@@ -209,7 +244,6 @@ FAMILIES: dict[str, Family] = {
         },
         implied=dict(norm="layernorm", norm_bias=True, gated_mlp=False, position_embedding="rope", mlp_bias=True),
         qkv_fusion="per_head",
-        megatron_ok=False,  # parallel residual is not a megatron-core GPTModel layer
     ),
 }
 

@@ -15,8 +15,15 @@ _OWNED = {"model_type", "architectures", "torch_dtype", "dtype", "transformers_v
           "_remove_final_layer_norm", "n_ctx"}
 
 
+def per_layer_type_rope(params: dict[str, Any] | None) -> bool:
+    """Gemma 3 style ``rope_parameters``: one dict per attention layer type (each with its own base)."""
+    return bool(params) and all(isinstance(v, dict) for v in params.values())
+
+
 def _rope(hf: dict[str, Any]) -> tuple[float, float]:
     params = hf.get("rope_parameters") or {}
+    if per_layer_type_rope(params):  # ModelConfig records the global layers' base; HF keeps all of them
+        params = params.get("full_attention") or next(iter(params.values()))
     base = params.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
     percent = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", 1.0)))
     return float(base), float(percent)
@@ -46,6 +53,12 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if values.get("position_embedding") == "rope":
         values["rotary_base"], values["rotary_percent"] = _rope(hf)
     extra = {k: v for k, v in hf.items() if k not in _OWNED and k not in family.config_keys.values()}
+    if extra.get("rope_scaling") and not extra.get("rope_parameters"):
+        # configs written before transformers v5 spell RoPE scaling "rope_scaling" (its type as "type")
+        scaling = dict(extra.pop("rope_scaling"))
+        scaling["rope_type"] = scaling.pop("type", None) or scaling.get("rope_type", "default")
+        extra["rope_parameters"] = scaling
+    extra.pop("rope_scaling", None)
     if values.get("position_embedding") != "rope":
         extra.pop("rope_parameters", None)
     try:
@@ -67,7 +80,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
         raise HypercloneError(f"{cfg.family} models have no grouped-query attention (kv heads {cfg.num_kv_heads})")
     if "head_dim" not in family.config_keys and cfg.head_dim * cfg.num_heads != cfg.hidden_size:
         raise HypercloneError(f"{cfg.family} models need head_dim * heads == hidden_size")
-    if cfg.position_embedding == "rope":
+    if cfg.position_embedding == "rope" and not per_layer_type_rope(hf.get("rope_parameters")):
         rope = dict(hf.get("rope_parameters") or {"rope_type": "default"})
         rope["rope_theta"] = cfg.rotary_base
         if cfg.rotary_percent != 1.0 or "partial_rotary_factor" in rope:

@@ -5,8 +5,9 @@ that knows what each parameter is; everything else (growth, the megatron mapping
 the optimizer-state growth, the symmetry monitor, tied heads) reads its columns. The HF names of each
 family are in families.py, the megatron names in megatron/mapping.py.
 
-Axes name what a dimension counts: ``vocab`` and ``pos`` never grow, ``hidden``/``q``/``kv`` grow with
-the width, ``ffn`` with the FFN factor (growth/spec.py); ``axis_size`` gives a config's size of each.
+Axes name what a dimension counts: ``vocab``, ``pos`` and ``head`` (within one attention head) never
+grow, ``hidden``/``q``/``kv`` grow with the width, ``ffn`` with the FFN factor (growth/spec.py);
+``axis_size`` gives a config's size of each.
 """
 
 from __future__ import annotations
@@ -31,19 +32,22 @@ class Rule:
     output_axis: int = 0  # the axis that indexes what the tensor outputs (an embedding's: its columns)
     tied_to: str | None = None  # with tie_word_embeddings this tensor is that one (the head: the embedding)
     watched: bool = False  # the symmetry monitor compares its row blocks (rows are hidden units)
+    sqrt_hidden_scaled: bool = False  # with embedding_scale the model multiplies its output by
+    #                                   sqrt(hidden_size), which grows with the width (Gemma's embedding)
 
     def __post_init__(self):
         if self.mup not in MUP_KINDS:
             raise ValueError(f"unknown μP kind {self.mup!r}")
 
 
-_NORM = Rule(("hidden",), mup="one")
-_NORM_BIAS = Rule(("hidden",), needs=("norm_bias",), mup="zero")
+_NORM = Rule(("hidden",), needs=("input_norms",), mup="one")
+_NORM_BIAS = Rule(("hidden",), needs=("input_norms", "norm_bias"), mup="zero")
+_OUT_NORM = Rule(("hidden",), needs=("output_norms",), mup="one")
 _MATRIX = dict(divide=True, mixable=True)
 
 # Forward order: entries before the layer stack, the layer stack (templated by "{i}"), entries after it.
 RULES: dict[str, Rule] = {
-    "embed.weight": Rule(("vocab", "hidden"), mup="embed", output_axis=1),
+    "embed.weight": Rule(("vocab", "hidden"), mup="embed", output_axis=1, sqrt_hidden_scaled=True),
     "pos_embed.weight": Rule(("pos", "hidden"), needs=("learned_positions",), mup="embed", output_axis=1),
     "layers.{i}.attn_norm.weight": _NORM,
     "layers.{i}.attn_norm.bias": _NORM_BIAS,
@@ -53,8 +57,13 @@ RULES: dict[str, Rule] = {
     "layers.{i}.attn.q.bias": Rule(("q",), needs=("qkv_bias",), mup="zero"),
     "layers.{i}.attn.k.bias": Rule(("kv",), needs=("qkv_bias",), mup="zero"),
     "layers.{i}.attn.v.bias": Rule(("kv",), needs=("qkv_bias",), mup="zero"),
+    "layers.{i}.attn.q_norm.weight": Rule(("head",), needs=("head_qk_norm",), mup="one"),
+    "layers.{i}.attn.k_norm.weight": Rule(("head",), needs=("head_qk_norm",), mup="one"),
+    "layers.{i}.attn.q_proj_norm.weight": Rule(("q",), needs=("projection_qk_norm",), mup="one"),
+    "layers.{i}.attn.k_proj_norm.weight": Rule(("kv",), needs=("projection_qk_norm",), mup="one"),
     "layers.{i}.attn.o.weight": Rule(("hidden", "q"), residual_writer=True, watched=True, **_MATRIX),
     "layers.{i}.attn.o.bias": Rule(("hidden",), needs=("attn_out_bias",), residual_writer=True, mup="zero"),
+    "layers.{i}.attn_out_norm.weight": _OUT_NORM,
     "layers.{i}.mlp_norm.weight": _NORM,
     "layers.{i}.mlp_norm.bias": _NORM_BIAS,
     "layers.{i}.mlp.gate.weight": Rule(("ffn", "hidden"), needs=("gated_mlp",), **_MATRIX),
@@ -63,6 +72,7 @@ RULES: dict[str, Rule] = {
     "layers.{i}.mlp.up.bias": Rule(("ffn",), needs=("mlp_bias",), mup="zero"),
     "layers.{i}.mlp.down.weight": Rule(("hidden", "ffn"), residual_writer=True, watched=True, **_MATRIX),
     "layers.{i}.mlp.down.bias": Rule(("hidden",), needs=("mlp_bias",), residual_writer=True, mup="zero"),
+    "layers.{i}.mlp_out_norm.weight": _OUT_NORM,
     "final_norm.weight": Rule(("hidden",), needs=("final_norm",), mup="one", watched=True),
     "final_norm.bias": Rule(("hidden",), needs=("final_norm", "norm_bias"), mup="zero"),
     "head.weight": Rule(("vocab", "hidden"), divide=True, mup="output", tied_to="embed.weight"),
@@ -89,8 +99,14 @@ def rule_for(name: str) -> Rule:
 
 
 def axis_size(cfg: ModelConfig, axis: str) -> int:
-    return {"vocab": cfg.vocab_size, "pos": cfg.max_position_embeddings + cfg.position_offset,
+    return {"vocab": cfg.vocab_size, "pos": cfg.max_position_embeddings + cfg.position_offset, "head": cfg.head_dim,
             "hidden": cfg.hidden_size, "q": cfg.q_size, "kv": cfg.kv_size, "ffn": cfg.ffn_hidden_size}[axis]
+
+
+def vector_fill(cfg: ModelConfig, rule: Rule) -> float:
+    """What a fresh vector of this kind holds: norms multiply by 1 (stored as 0 when the model adds the
+    unit itself, Gemma's ``1 + weight``), biases add 0."""
+    return 1.0 if rule.mup == "one" and not cfg.norm_unit_offset else 0.0
 
 
 def _present(cfg: ModelConfig, rule: Rule) -> bool:

@@ -22,9 +22,16 @@ def _transformers():
     return transformers
 
 
+# Llama 3.1's RoPE scaling (megatron-core's RotaryEmbedding hard-codes these low/high factors and 8192)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+
+
 def tiny_hf_configs() -> dict:
     """One HF config per case the growth rules must get right (biases, GQA/MQA, ties, LN/RMSNorm,
-    learned/rotary/partial-rotary positions, parallel residual, post-LN)."""
+    learned/rotary/partial-rotary positions, RoPE scaling, parallel residual, post-LN, q/k norms per
+    head and per projection, (1 + w) norms, sandwich and output norms, a sqrt(hidden)-scaled embedding,
+    soft-capping, sliding and global layers with their own RoPE bases)."""
     T = _transformers()
     common = dict(vocab_size=64, max_position_embeddings=32)
     llama = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
@@ -40,6 +47,25 @@ def tiny_hf_configs() -> dict:
         "mistral-gqa2": T.MistralConfig(num_key_value_heads=2, sliding_window=8, **llama),
         "mistral-mqa": T.MistralConfig(num_key_value_heads=1, **llama),
         "qwen2-tied": T.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True,
+                                    **{k: v for k, v in llama.items() if k != "head_dim"}),
+        "llama-rope-llama3": T.LlamaConfig(num_key_value_heads=2, **llama, rope_parameters=LLAMA3_ROPE),
+        "llama-rope-linear": T.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **llama,
+                                           rope_parameters={"rope_type": "linear", "factor": 4.0,
+                                                            "rope_theta": 10000.0}),
+        "qwen3": T.Qwen3Config(num_key_value_heads=2, tie_word_embeddings=False, **llama),
+        "qwen3-tied": T.Qwen3Config(num_key_value_heads=1, tie_word_embeddings=True, **llama),
+        "gemma-tied": T.GemmaConfig(num_key_value_heads=1, **llama),
+        "gemma2-softcap": T.Gemma2Config(num_key_value_heads=2, tie_word_embeddings=False, sliding_window=8,
+                                         attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                                         query_pre_attn_scalar=8, **llama),
+        "gemma3-tied": T.Gemma3TextConfig(num_key_value_heads=2, sliding_window=8, query_pre_attn_scalar=6,
+                                          layer_types=["sliding_attention", "full_attention"],
+                                          rope_parameters={
+                                              "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                                              "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                 "rope_theta": 1000.0}}, **llama),
+        "olmo2": T.Olmo2Config(num_key_value_heads=2, **{k: v for k, v in llama.items() if k != "head_dim"}),
+        "olmo2-tied": T.Olmo2Config(num_key_value_heads=1, tie_word_embeddings=True,
                                     **{k: v for k, v in llama.items() if k != "head_dim"}),
         "opt": T.OPTConfig(hidden_size=24, ffn_dim=40, num_hidden_layers=2, num_attention_heads=2,
                            word_embed_proj_dim=24, **common),

@@ -298,7 +298,7 @@ def _train_flags(small: Path, ckpt: Path, metrics: Path) -> list[str]:
     return ["--clone-from", str(small), "--width-factor", "2", "--method", "noisy", "--tp", "2", "--pp", "2",
             "--train-iters", "4", "--global-batch-size", "4", "--micro-batch-size", "2", "--seq-length", "32",
             "--lr", "1e-3", "--lr-warmup-iters", "1", "--save", str(ckpt), "--save-interval", "2",
-            "--metrics-file", str(metrics), "--no-save-moments", "--no-progress"]
+            "--metrics-file", str(metrics), "--no-progress"]
 
 
 def _torchrun(flags: list[str], log: Path) -> subprocess.Popen:

@@ -23,7 +23,7 @@ from hyperclone_dist.params import stored_shapes
 COMMON = ["--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3",
           "--lr-decay-style", "constant", "--weight-decay", "0", "--clip-grad", "0", "--adam-eps", "1e-16",
           "--no-progress"]
-SMALL = ["--init", "random", "--model-config", "configs/models/llama-tiny.json", "--train-iters", "6"]
+SMALL = ["--init", "random", "--model-config", "configs/models/llama-tiny.json", "--train-iters", "6", "--save-moments"]
 UPDATE_TOL = 1e-4  # relative L2 error of the grown first update against the small model's, per tensor
 LR_CASES = {
     "points": (["--lr-schedule-points", "[[0, 1e-3], [2, 3e-3], [4, 2e-3]]"], [1e-3, 2e-3, 3e-3, 2.5e-3]),

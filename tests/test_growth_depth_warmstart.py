@@ -14,7 +14,8 @@ from hyperclone_dist.sources import open_source
 TOL = 1e-5
 
 
-@pytest.mark.parametrize("case", ["llama-gqa2", "gpt2-tied", "qwen2-tied", "gpt_neox", "opt", "mistral-mqa"])
+@pytest.mark.parametrize("case", ["llama-gqa2", "gpt2-tied", "qwen2-tied", "gpt_neox", "opt", "mistral-mqa",
+                                  "qwen3-tied", "gemma3-tied", "olmo2"])
 @pytest.mark.parametrize("insert", ["every:1", "end:2", "-1,0"])
 @pytest.mark.parametrize("width", [1, 2])
 def test_identity_insertion_preserves_logits(tiny_model_dirs, case, insert, width):
@@ -105,3 +106,14 @@ def test_warmstart_init_std_follows_mup(wide_llama):
     d = wide_llama.config.hidden_size
     assert torch.equal(norm[:d], wide_llama.get("layers.0.attn_norm.weight"))
     assert torch.equal(norm[d:], torch.ones(d))
+
+
+def test_warmstart_pads_unit_offset_norms_with_zero(tiny_model_dirs):
+    """Gemma's norms multiply by (1 + w): a fresh unit stores 0, not 1 (a 1 would double its output)."""
+    source = open_source(tiny_model_dirs["gemma3-tied"])
+    grower = Grower(source.config, GrowthSpec(2, method="warmstart"), source.get)
+    d = source.config.hidden_size
+    for name in ("layers.0.attn_norm.weight", "layers.0.attn_out_norm.weight", "final_norm.weight"):
+        norm = grower.full(name)
+        assert torch.equal(norm[:d], source.get(name).float())
+        assert torch.equal(norm[d:], torch.zeros(d))

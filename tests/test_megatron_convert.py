@@ -49,7 +49,18 @@ LEGACY_CASES = {  # id: (tiny model, growth flags, layout flags)
                                 "--decoder-last-pipeline-num-layers", "1"]),
     # 1 kv head grown x2: 2 query groups on 4 TP ranks, each group shared by 2 ranks
     "llama-mqa-kv-below-tp4": ("llama-mqa-tied-bias", ["--width-factor", "2", "--method", "noisy"], ["--tp", "4"]),
+    # q/k norms per head: megatron-core's qk_layernorm
+    "qwen3-x3-tp2-pp2": ("qwen3", ["--width-factor", "3", "--method", "noisy"], ["--tp", "2", "--pp", "2"]),
+    "qwen3-tied-x2-tp2-pp2": ("qwen3-tied", ["--width-factor", "2", "--method", "noisy"], ["--tp", "2", "--pp", "2"]),
+    # RoPE scaling: megatron-core's llama3 rope_scaling and linear seq_len_interpolation_factor
+    "rope-llama3-x2-tp2-pp2": ("llama-rope-llama3", ["--width-factor", "2", "--method", "noisy"],
+                               ["--tp", "2", "--pp", "2"]),
+    "rope-linear-tied-x3-tp2-pp2": ("llama-rope-linear", ["--width-factor", "3", "--method", "noisy"],
+                                    ["--tp", "2", "--pp", "2"]),
 }
+# families megatron-core cannot compute exactly: (tiny model, words the one-line refusal must contain)
+UNREPRESENTABLE = {"gpt_neox": "parallel residual", "gemma-tied": "sqrt(hidden_size)",
+                   "gemma3-tied": "sqrt(hidden_size)", "olmo2": "outputs (output: Gemma 2/3, OLMo-2)"}
 TORCH_DIST_CASES = {  # id: (tiny model, growth flags, processes writing, layouts loaded at: [(processes, flags)])
     "llama-1-writer": ("llama-gqa2", ["--width-factor", "2", "--insert-layers", "every:1", "--method", "noisy"], 1,
                        [(1, []), (4, ["--tp", "4"]), (4, ["--tp", "2", "--pp", "2"]),
@@ -108,8 +119,8 @@ def runs(tiny_model_dirs, tmp_path_factory) -> dict:
         step("warmstart convert", "convert", llama, "--out", root / "warmstart", "--format", "legacy", "--tp", "2",
              "--width-factor", "2", "--method", "warmstart", "--no-progress"),
         step("warmstart verify", "verify", llama, root / "warmstart", "--tp", "2", nproc=2),
-        step("unrepresentable", "convert", tiny_model_dirs["gpt_neox"], "--out", root / "neox", "--format", "legacy",
-             "--tp", "2", "--width-factor", "2"),
+        *[step(f"unrepresentable {model}", "convert", tiny_model_dirs[model], "--out", root / f"no-{model}",
+               "--format", "legacy", "--tp", "2", "--width-factor", "2") for model in UNREPRESENTABLE],
         step("too few processes", "convert", llama, "--out", root / "few", "--format", "torch_dist", "--tp", "2",
              "--pp", "2", "--width-factor", "2", nproc=3),
         step("td one process", "convert", llama, "--out", root / "td-one", *TD_FLAGS),
@@ -190,12 +201,13 @@ def test_warmstart_checkpoint_fails_verification(runs):
     assert verify["status"] == 1 and verify_line(verify).endswith("FAIL"), failure_text(verify)
 
 
-def test_unrepresentable_family_refused_in_one_line(runs):
-    run = runs["unrepresentable"]
+@pytest.mark.parametrize("model", UNREPRESENTABLE)
+def test_unrepresentable_family_refused_in_one_line(runs, model):
+    run = runs[f"unrepresentable {model}"]
     assert run["status"] == 2, failure_text(run)
     lines = [line for line in run["stderr"].splitlines() if line.strip()]
-    assert len(lines) == 1 and "parallel residual" in lines[0], run["stderr"]
-    assert not (runs["root"] / "neox").exists()
+    assert len(lines) == 1 and UNREPRESENTABLE[model] in lines[0], run["stderr"]
+    assert not (runs["root"] / f"no-{model}").exists()
 
 
 @pytest.mark.parametrize("name", TORCH_DIST_CASES)

@@ -1,9 +1,12 @@
 """Real pretrained checkpoints end to end (tests/real_models.py builds them from registry GGUF packages):
-SmolLM2-135M-Instruct, a Llama with 9 query / 3 kv heads, 30 layers, tied embeddings, vocabulary 49152, in
-bf16 safetensors with its own Hugging Face tokenizer and chat template.
+SmolLM2-135M-Instruct, a Llama with 9 query / 3 kv heads, 30 layers, tied embeddings, vocabulary 49152, and
+Gemma 3 270M (4 query / 1 kv head of 256, 18 layers in a 5:1 pattern of sliding-window and global layers
+with two RoPE bases, (1 + w) sandwich norms, q/k norms, a sqrt(hidden)-scaled tied embedding, vocabulary
+262144), both bf16 safetensors with their own Hugging Face tokenizer and chat template.
 
-- grown x2 (noisy) to HF in float32: logits within 1e-5 of the small model's, perplexity on English text
-  equal to 1e-4, 32 greedy tokens identical, the tokenizer and chat template carried along;
+- each grown x2 (noisy) to HF in float32: logits within 1e-5 of the small model's, perplexity on English
+  text equal to 1e-4, 32 greedy tokens identical, the tokenizer and chat template carried along;
+- Gemma 3 into a megatron format: refused in one line naming the feature GPTModel lacks;
 - into torch_dist at TP2 x PP4 with uneven stages (7-8-8-7 of 30 layers), verified at that layout and at TP3;
 - continued pretraining with its own tokenizer on English text prepared with ``hyperclone data prepare``:
   the first loss is the small HF model's own on those tokens; the exported model chats.
@@ -25,7 +28,7 @@ TOL, PPL_TOL = 1e-5, 1e-4
 UNEVEN = ["--tp", "2", "--pp", "4", "--decoder-first-pipeline-num-layers", "7", "--decoder-last-pipeline-num-layers",
           "7"]
 TRAIN = ["--train-iters", "2", "--global-batch-size", "2", "--micro-batch-size", "1", "--seq-length", "128",
-         "--lr", "1e-5", "--no-progress", "--no-save-moments"]
+         "--lr", "1e-5", "--no-progress"]
 
 
 def english_text() -> str:
@@ -38,6 +41,24 @@ def english_text() -> str:
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
     return materialize("smollm2")
+
+
+@pytest.fixture(scope="module")
+def gemma3() -> Path:
+    return materialize("gemma3")
+
+
+@pytest.fixture(scope="module")
+def gemma3_runs(gemma3, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("real_gemma3")
+    steps = [
+        {"name": "hf", "run": ["convert", str(gemma3), "--out", str(root / "hf"), "--width-factor", "2", "--method",
+                               "noisy", "--dtype", "float32", "--no-progress"]},
+        {"name": "verify hf", "run": ["verify", str(gemma3), str(root / "hf")]},
+        {"name": "torch_dist", "run": ["convert", str(gemma3), "--out", str(root / "td"), "--format", "torch_dist",
+                                       "--width-factor", "2", "--no-progress"]},
+    ]
+    return {"root": root, **run_warm(steps, root / "warm")}
 
 
 @pytest.fixture(scope="module")
@@ -77,22 +98,34 @@ def max_rel(run: dict) -> float:
     return float(line.split("max rel ")[1].split()[0])
 
 
-def test_grown_to_hf_computes_the_same_function(runs, smollm2):
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_grown_to_hf_computes_the_same_function(request, model):
     import transformers
 
+    source = request.getfixturevalue(model)
+    runs = request.getfixturevalue("runs" if model == "smollm2" else f"{model}_runs")
     assert max_rel(runs["verify hf"]) <= TOL
     tok = transformers.AutoTokenizer.from_pretrained(runs["root"] / "hf")  # its own tokenizer, carried along
-    small = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    small = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     grown = transformers.AutoModelForCausalLM.from_pretrained(runs["root"] / "hf", dtype=torch.float32).eval()
     ids = tok(english_text()[:2000], return_tensors="pt").input_ids[:, :256]
     with torch.no_grad():
         ppl = [math.exp(m(ids, labels=ids).loss.item()) for m in (small, grown)]
-        prompt = tok.apply_chat_template([{"role": "user", "content": "What is a Python generator?"}],
-                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        question = "What is a Python generator?"
+        prompt = (tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)
+                  if tok.chat_template else tok(question, return_tensors="pt"))  # a base model: plain text
         greedy = [m.generate(**prompt, max_new_tokens=32, do_sample=False) for m in (small, grown)]
     print(f"perplexity small {ppl[0]:.6f}, grown {ppl[1]:.6f}; greedy: {tok.decode(greedy[0][0, -32:])!r}")
     assert abs(ppl[1] - ppl[0]) / ppl[0] <= PPL_TOL
     assert torch.equal(greedy[0], greedy[1])
+
+
+def test_gemma3_into_megatron_is_refused_naming_the_feature(gemma3_runs):
+    run = gemma3_runs["torch_dist"]
+    lines = [line for line in run["stderr"].splitlines() if line.strip()]
+    assert run["status"] == 2 and len(lines) == 1 and "sqrt(hidden_size)" in lines[0], failure_text(run)
+    assert not (gemma3_runs["root"] / "td").exists()
 
 
 def test_torch_dist_at_an_uneven_layout_and_at_tp3(runs):

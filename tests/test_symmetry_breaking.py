@@ -17,7 +17,7 @@ from hyperclone_dist.train.symmetry_breaking import GradientNoise, NoiseHooks
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 COMMON = ["--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3",
-          "--lr-decay-style", "constant", "--no-progress", "--no-save-moments"]
+          "--lr-decay-style", "constant", "--no-progress"]
 
 
 def pretrain(name: str, *flags) -> dict:

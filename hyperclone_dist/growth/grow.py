@@ -16,7 +16,7 @@ from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.growth.noise import field_key, mean_square, noise_rows
 from hyperclone_dist.growth.spec import GrowthSpec, LayerSource, layer_plan
-from hyperclone_dist.params import Rule, canonical_shapes, is_tied_copy, layer_of, rule_for
+from hyperclone_dist.params import Rule, canonical_shapes, is_tied_copy, layer_of, rule_for, vector_fill
 
 Index = Sequence[slice] | None
 
@@ -95,6 +95,9 @@ class Grower:
         if source is not None and source.identity and rule.residual_writer:
             return torch.zeros(out_shape, dtype=out_dtype)
         work = small.to(compute)
+        if rule.sqrt_hidden_scaled and self.small.embedding_scale:
+            # the model multiplies this output by sqrt(hidden_size): sqrt(n) larger once grown
+            work = work * math.sqrt(self.small.hidden_size / self.large.hidden_size)
         if self.spec.method == "warmstart":
             return self._warmstart(name, rule, work, bounds).to(out_dtype)
         return self._clone(name, rule, work, bounds, out_dtype)
@@ -180,7 +183,7 @@ class Grower:
         small_box = [range(lo, min(hi, size)) for (lo, hi), size in zip(bounds, w.shape)]
         out_shape = tuple(hi - lo for lo, hi in bounds)
         if w.dim() == 1:
-            out = torch.full(out_shape, 1.0 if rule.mup == "one" else 0.0, dtype=w.dtype)
+            out = torch.full(out_shape, vector_fill(self.small, rule), dtype=w.dtype)
             (lo, _), = bounds
             if len(small_box[0]):
                 out[: len(small_box[0])] = w[small_box[0].start:small_box[0].stop]

@@ -46,8 +46,8 @@ class GrowthSpec:
 
     def factor(self, axis: str) -> int:
         """Copies of a dimension that counts ``axis`` (params.py): the width factor for hidden units and
-        heads, the FFN factor for MLP units; vocabulary and positions never grow."""
-        return {"vocab": 1, "pos": 1, "hidden": self.n, "q": self.n, "kv": self.n, "ffn": self.m}[axis]
+        heads, the FFN factor for MLP units; vocabulary, positions and units within a head never grow."""
+        return {"vocab": 1, "pos": 1, "head": 1, "hidden": self.n, "q": self.n, "kv": self.n, "ffn": self.m}[axis]
 
     @property
     def function_preserving(self) -> bool:

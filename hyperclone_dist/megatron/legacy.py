@@ -16,6 +16,7 @@ import torch
 from hyperclone_dist.checkpoint.torch_load import torch_load
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.layout import Layout
+from hyperclone_dist.megatron.model import rotary_kwargs
 
 CHECKPOINT_VERSION = 3.0
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -34,6 +35,7 @@ def rank_dir(root: Path, iteration: int, layout: Layout, tp_rank: int, pp_rank: 
 def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, iteration: int = 0) -> argparse.Namespace:
     """The subset of Megatron-LM's arguments its loaders read back from a checkpoint, plus our own
     ModelConfig under ``hyperclone_config`` so the checkpoint can be exported without guessing."""
+    rope = rotary_kwargs(cfg)
     return argparse.Namespace(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
         num_attention_heads=cfg.num_heads, kv_channels=cfg.head_dim,
@@ -49,6 +51,9 @@ def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, iteratio
         swiglu=cfg.gated_mlp and cfg.activation == "silu",
         position_embedding_type="rope" if cfg.position_embedding == "rope" else "learned_absolute",
         rotary_percent=cfg.rotary_percent, rotary_base=cfg.rotary_base,
+        use_rope_scaling=rope.get("rope_scaling", False), rope_scaling_factor=rope.get("rope_scaling_factor", 8.0),
+        rotary_seq_len_interpolation_factor=rope.get("seq_len_interpolation_factor"),
+        qk_layernorm=cfg.head_qk_norm,
         untie_embeddings_and_output_weights=not cfg.tie_word_embeddings,
         add_bias_linear=cfg.attn_out_bias or cfg.mlp_bias, add_qkv_bias=cfg.qkv_bias,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,

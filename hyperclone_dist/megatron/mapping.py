@@ -45,6 +45,8 @@ LOCAL_SPEC: tuple[MegatronParam, ...] = (
     MegatronParam(_L + "self_attention.linear_qkv.weight", (_Q + ".weight", _K + ".weight", _V + ".weight"),
                   COLUMN, "qkv"),
     MegatronParam(_L + "self_attention.linear_qkv.bias", (_Q + ".bias", _K + ".bias", _V + ".bias"), COLUMN, "qkv"),
+    MegatronParam(_L + "self_attention.q_layernorm.weight", ("layers.{i}.attn.q_norm.weight",), REPLICATED),
+    MegatronParam(_L + "self_attention.k_layernorm.weight", ("layers.{i}.attn.k_norm.weight",), REPLICATED),
     MegatronParam(_L + "self_attention.linear_proj.weight", ("layers.{i}.attn.o.weight",), ROW),
     MegatronParam(_L + "self_attention.linear_proj.bias", ("layers.{i}.attn.o.bias",), REPLICATED),
     MegatronParam(_L + "pre_mlp_layernorm.weight", ("layers.{i}.mlp_norm.weight",), REPLICATED),

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.errors import HypercloneError
+from hyperclone_dist.hf_config import per_layer_type_rope
 from hyperclone_dist.layout import Layout
 from hyperclone_dist.megatron.cpu_shims import apply_cpu_shims
 
@@ -102,11 +103,47 @@ def check_representable(cfg: ModelConfig) -> None:
     proj = cfg.hf_extra.get("word_embed_proj_dim")
     if proj is not None and proj != cfg.hidden_size:
         refuse(f"word_embed_proj_dim={proj} != hidden_size={cfg.hidden_size} (OPT project_in/project_out)")
-    rope_type = (cfg.hf_extra.get("rope_parameters") or {}).get("rope_type", "default")
-    if cfg.hf_extra.get("rope_scaling") or rope_type not in ("default", None):
-        refuse(f"RoPE scaling ({cfg.hf_extra.get('rope_scaling') or rope_type}) is not megatron's plain RoPE")
+    if cfg.embedding_scale:
+        refuse("the embedding is multiplied by sqrt(hidden_size) (Gemma); a GPTModel embedding is not")
+    if cfg.norm_unit_offset:
+        refuse("norms multiply by (1 + weight) (Gemma); megatron's local RMSNorm multiplies by the weight")
+    if cfg.output_norms:
+        refuse(f"norms on the attention and MLP outputs ({cfg.sublayer_norms}: Gemma 2/3, OLMo-2) are not a "
+               "GPTModel layer")
+    if cfg.projection_qk_norm:
+        refuse("q/k norms over the whole projection (OLMo-2); megatron's qk_layernorm normalizes each head")
     _bias_flags(cfg)
+    rotary_kwargs(cfg)
     _sliding_window(cfg)
+
+
+# megatron-core's RotaryEmbedding applies Llama 3.x scaling with these constants fixed
+_MEGATRON_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def rotary_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """GPTModel's RoPE-scaling arguments for cfg's HF ``rope_parameters``: Llama 3.x (``rope_scaling``)
+    and linear (``seq_len_interpolation_factor``); any other type is refused, naming it."""
+    if cfg.position_embedding != "rope":
+        return {}
+    params = cfg.hf_extra.get("rope_parameters") or {}
+    if per_layer_type_rope(params):
+        raise HypercloneError(f"{cfg.family} config cannot be a megatron-core GPTModel exactly: RoPE parameters "
+                              f"per attention layer type ({', '.join(params)}) are one RotaryEmbedding in megatron")
+    rope_type = params.get("rope_type") or "default"
+    if rope_type == "default":
+        return {}
+    if rope_type == "linear":
+        return {"seq_len_interpolation_factor": float(params["factor"])}
+    if rope_type == "llama3":
+        fixed = {key: params.get(key) for key in _MEGATRON_LLAMA3}
+        if any(float(fixed[key] or -1) != value for key, value in _MEGATRON_LLAMA3.items()):
+            raise HypercloneError(
+                f"{cfg.family} config cannot be a megatron-core GPTModel exactly: llama3 RoPE scaling with "
+                f"{fixed}; megatron-core fixes {_MEGATRON_LLAMA3}")
+        return {"rope_scaling": True, "rope_scaling_factor": float(params["factor"])}
+    raise HypercloneError(f"{cfg.family} config cannot be a megatron-core GPTModel exactly: RoPE type "
+                          f"{rope_type!r} (megatron-core applies default, linear and llama3)")
 
 
 def _bias_flags(cfg: ModelConfig) -> tuple[bool, bool]:
@@ -161,6 +198,7 @@ def transformer_config(cfg: ModelConfig, layout: Layout = Layout(), dtype: torch
         gated_linear_unit=cfg.gated_mlp,
         add_bias_linear=add_bias_linear,
         add_qkv_bias=add_qkv_bias,
+        qk_layernorm=cfg.head_qk_norm,  # megatron normalizes each head's q and k, as Qwen3 and Gemma 3 do
         rotary_interleaved=False,  # rotate-half, the HF convention
         window_size=_sliding_window(cfg),
         hidden_dropout=0.0,
@@ -211,7 +249,7 @@ def build_gpt_model(cfg: ModelConfig, layout: Layout | None = None, *, dtype: to
         raise HypercloneError(f"padded_vocab={padded_vocab} must be >= vocab_size={cfg.vocab_size} "
                               f"and divisible by tp={layout.tp}")
     config = transformer_config(cfg, layout, dtype, perform_initialization=perform_initialization, **overrides)
-    spec = get_gpt_layer_local_spec(normalization=config.normalization)
+    spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
     chunks = []
     for vp_stage in range(layout.chunks):
         stage = None if layout.vpp is None else vp_stage
@@ -226,6 +264,7 @@ def build_gpt_model(cfg: ModelConfig, layout: Layout | None = None, *, dtype: to
             position_embedding_type="rope" if cfg.position_embedding == "rope" else "learned_absolute",
             rotary_percent=cfg.rotary_percent,
             rotary_base=cfg.rotary_base,
+            **rotary_kwargs(cfg),
             vp_stage=stage,
         )
         chunks.append(chunk)

@@ -16,7 +16,7 @@ import torch
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.growth.noise import field_key, noise_rows
 from hyperclone_dist.megatron.mapping import SliceFn
-from hyperclone_dist.params import canonical_shapes, rule_for
+from hyperclone_dist.params import canonical_shapes, rule_for, vector_fill
 
 
 def init_std(cfg: ModelConfig, name: str) -> float:
@@ -36,7 +36,7 @@ def random_init(cfg: ModelConfig, seed: int) -> SliceFn:
         bounds = [sl.indices(size)[:2] for sl, size in zip(index, shape)]
         if len(shape) == 1:
             (lo, hi), = bounds
-            return torch.full((hi - lo,), 1.0 if rule_for(name).mup == "one" else 0.0)
+            return torch.full((hi - lo,), vector_fill(cfg, rule_for(name)))
         (r0, r1), (c0, c1) = bounds
         noise = noise_rows(field_key(seed, name, "init"), range(r0, r1), shape[1], slice(c0, c1))
         return noise * init_std(cfg, name)

@@ -161,7 +161,10 @@ class Run:
     def _grow_optimizer_state(self) -> None:
         """--clone-from a pretrain.py checkpoint that holds Adam's moments: continue its optimizer."""
         root = Path(self.config.start.clone_from)
-        if not (root.is_dir() and is_megatron_checkpoint(root) and has_moments(root)):
+        if not (root.is_dir() and is_megatron_checkpoint(root)):
+            return
+        if not has_moments(root):
+            self.description += "; fresh Adam moments (the checkpoint has none: pretrain.py --save-moments keeps them)"
             return
         saved = torch_dist.read_args(legacy.iteration_dir(root, read_iteration(root)))
         step = int(getattr(saved, "hyperclone_optimizer_step", 0))

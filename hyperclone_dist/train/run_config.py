@@ -183,9 +183,10 @@ class DataOptions:
 class CheckpointOptions:
     save: str | None = flag(None, metavar="DIR", help="checkpoint directory")
     save_interval: int | None = flag(None, help="steps between checkpoints (default: at the end)")
-    save_moments: bool = flag(True, "--no-save-moments", help="leave Adam's moments out of the torch_dist copy "
-                              "(they let a larger run clone this one with its optimizer state; they triple that "
-                              "copy's size)")
+    save_moments: bool = flag(False, help="also put Adam's moments in the torch_dist copy, resharded like the "
+                              "weights, so that a larger run can --clone-from this one with its optimizer state "
+                              "grown (DeepSpeed's checkpoint holds them for resuming already; this triples the "
+                              "torch_dist copy)")
     checksums: bool = flag(True, "--no-checksums", help="no checksum manifest in saved checkpoints (hashing "
                            "re-reads what was written; the ranks share it)")
     exit_interval: int | None = flag(None, help="stop (after saving) once this step is reached: a planned "

@@ -150,7 +150,7 @@ def main() -> int:
         print(f"training the small model ({args.small_steps} steps) ...", flush=True)
         pretrain(["--init", "random", "--model-config", "configs/models/llama-tiny.json", "--train-iters",
                   args.small_steps, "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "40", *common,
-                  "--seed", 0, "--save", out / "small"], env, out / "small.log")
+                  "--seed", 0, "--save", out / "small", "--save-moments"], env, out / "small.log")
         subprocess.run([PY, "-m", "hyperclone_dist.cli.main", "export", out / "small", "--format", "small.pt",
                         "--out", small, "--overwrite"], cwd=REPO, env=env, check=True, capture_output=True)
     jobs = []

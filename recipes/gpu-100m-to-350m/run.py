@@ -138,7 +138,7 @@ def main() -> int:
     small_dir = out / "small"
     if not (small_dir / "latest").is_file():
         run([*launch, *common, "--init", "random", "--model-config", small_model, "--train-iters", args.small_steps,
-             "--lr", args.small_lr, "--min-lr", args.small_min_lr, "--seed", 0, "--save", small_dir,
+             "--lr", args.small_lr, "--min-lr", args.small_min_lr, "--seed", 0, "--save", small_dir, "--save-moments",
              "--metrics-file", small_dir / "metrics.jsonl"], f"2. the small model ({args.small_steps} steps)",
             env, out / "small.log")
     for seed in args.seeds:
