@@ -127,3 +127,21 @@ def test_the_optimizer_runs_at_the_lr_the_schedule_names(runs, schedule):
     LR of each step is the schedule's value, not --lr times its shape."""
     lrs = list(_metrics(runs["root"] / f"{schedule}.jsonl", "train/lr").values())
     assert lrs == pytest.approx(LR_CASES[schedule][1], rel=1e-6), lrs
+
+
+def test_moments_are_stored_once_unless_asked_twice(runs):
+    """DeepSpeed's checkpoint holds Adam's moments for resuming; the torch_dist copy holds them as well only
+    with --save-moments (the small runs here), so a default save is not ~28 bytes per parameter."""
+    from hyperclone_dist.train.moments import has_moments
+
+    root = runs["root"]
+    assert has_moments(root / "s5") and not has_moments(root / "fresh")
+    assert list((root / "fresh").glob("global_step1/*optim_states.pt"))  # what a resume reads
+    from hyperclone_dist.params import parameter_count
+
+    def bytes_per_parameter(ckpt: Path, iteration: int) -> float:
+        shards = sum(f.stat().st_size for f in ckpt.glob(f"iter_{iteration:07d}/*.distcp"))
+        return shards / parameter_count(open_megatron_source(ckpt).config)
+
+    assert 3.9 < bytes_per_parameter(root / "fresh", 1) < 4.8  # float32 weights alone (and per-tensor headers)
+    assert 11.9 < bytes_per_parameter(root / "s6", 6) < 13.5  # weights and two moments
