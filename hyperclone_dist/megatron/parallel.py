@@ -52,13 +52,15 @@ def _one_line(exc: OSError) -> str:
 
 
 def init_distributed(timeout_minutes: int = 30) -> None:
-    """Initialise the default process group from torchrun's environment: nccl with one GPU per local
-    rank when CUDA is available, gloo otherwise. A no-op when a process group already exists."""
+    """Initialise the default process group from torchrun's environment: nccl (and gloo for CPU tensors)
+    with one GPU per local rank when CUDA is available, gloo otherwise. A no-op when a process group already exists."""
     apply_cpu_shims()
     if dist.is_initialized():
         return
     timeout = timedelta(minutes=timeout_minutes)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # With CUDA, NCCL carries megatron-core's and DeepSpeed's collectives on GPU tensors; our own small ones
+    # on CPU tensors (agreement on bad input, loss means, symmetry statistics, checksums) go through gloo.
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if "WORLD_SIZE" not in os.environ:  # not under a launcher: one rank, no rendezvous port needed

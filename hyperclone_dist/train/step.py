@@ -116,8 +116,9 @@ def forward_backward(chunks: list, micro_batches: list[dict], seq_length: int, m
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    mask = causal_attention_mask(seq_length)
-    data = [iter(micro_batches) for _ in chunks]
+    device = model_device(chunks)
+    mask = causal_attention_mask(seq_length, device)
+    data = [iter(on_device(micro_batches, device)) for _ in chunks]
     outputs = get_forward_backward_func()(
         forward_step_func=make_forward_step(mask, vocab_size, logit_scale),
         data_iterator=data if len(chunks) > 1 else data[0],
@@ -165,9 +166,18 @@ class ChunkStack(torch.nn.Module):
         return masked_mean(real_vocab_cross_entropy(logits, labels, self.vocab_size, self.logit_scale), loss_mask)
 
 
+def model_device(chunks: list) -> torch.device:
+    return next(chunks[0].parameters()).device
+
+
+def on_device(micro_batches: list[dict], device: torch.device) -> list[dict]:
+    """The data feed's CPU batches on the model's device (a no-op on CPU)."""
+    return [{key: value.to(device, non_blocking=True) for key, value in batch.items()} for batch in micro_batches]
+
+
 def _engine_loop_step(engine, micro_batches: list[dict]) -> float:
     losses = []
-    for batch in micro_batches:
+    for batch in on_device(micro_batches, model_device(list(engine.module.chunks))):
         loss = engine(batch["tokens"], batch["position_ids"], batch["labels"], batch["loss_mask"])
         engine.backward(loss)
         engine.step()

@@ -82,7 +82,7 @@ def arm_flags(arm: str, args, small_ckpt: Path) -> list[str]:
     return [str(f).format(**values) for f in ARMS[arm]]
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/gpu-100m-to-350m")
     p.add_argument("--gpus", type=int, default=None, help="processes (default: every visible GPU)")
@@ -96,10 +96,17 @@ def main() -> int:
     p.add_argument("--input", action="append", help="corpus files/dirs/globs (default: installed Python sources)")
     p.add_argument("--eval-interval", type=int, default=100)
     p.add_argument("--results", default="docs/results.md")
+    p.add_argument("--figure", help="the loss curves' PNG (default: docs/figures/gpu_100m_to_350m.png, or the run "
+                                    "folder with --smoke); a shortened run keeps the published figure")
     p.add_argument("--smoke", action="store_true", help="tiny model, few steps, float32 on CPU: checks the pipeline")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.smoke:
         args.small_steps, args.steps, args.eval_interval = min(args.small_steps, 8), min(args.steps, 6), 3
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
@@ -205,6 +212,7 @@ def report(args, out: Path, gpu: str | None, gpus: int, small_model: str) -> Non
                       + ["| " + " | ".join(row) + " |" for row in rows])
     mean_curves = [curves[arm][0] for arm in curves]
     figure = (REPO / "docs" / "figures" / "gpu_100m_to_350m.png") if not args.smoke else out / "loss_curves.png"
+    figure = Path(args.figure).resolve() if args.figure else figure
     plot_curves(mean_curves, figure, f"~100M -> ~350M, {gpu or 'CPU smoke run'} (seed {args.seeds[0]})",
                 hline=(baseline[0], "random baseline's final loss") if baseline else None)
     where = f"{gpus} x {gpu}, bf16" if gpu else "CPU smoke run, float32, tiny model"
