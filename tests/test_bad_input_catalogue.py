@@ -84,8 +84,8 @@ CASES = {
                              ["no such file or directory", "{r}/nothing-here"], {}),
     "verify-grown-not-a-model": (["verify", "{r}/llama", "{r}/notes"],
                                  ["{r}/notes", "not a Hugging Face model directory"], {}),
-    "verify-world-size-mismatch": (["verify", "{r}/llama", "{r}/td", *LAYOUT],
-                                   ["world size 1", "tp x pp = 2 x 2 = 4"], {}),
+    "verify-world-size-mismatch": (["verify", "{r}/llama", "{r}/td", *LAYOUT],  # a launcher with too few ranks
+                                   ["world size 2", "tp x pp = 2 x 2 = 4"], {"nproc": 2}),
     "verify-legacy-at-another-layout": (["verify", "{r}/llama", "{r}/legacy", "--tp", "1"],
                                         ["{r}/legacy", "saved at tp=2 pp=2", "only at that layout"], {}),
     "verify-truncated-torch_dist": (["verify", "{r}/llama", "{r}/td-truncated"],
@@ -211,7 +211,7 @@ def runs(inputs) -> dict:
     holders = {}
     for case, (args, _, options) in CASES.items():
         steps.append({"name": case, "run": [a.format(r=r) for a in args],
-                      **{k: v for k, v in options.items() if k in ("fsize", "read_only")}})
+                      **{k: v for k, v in options.items() if k in ("fsize", "read_only", "nproc")}})
         if "locked" in options:
             holders[case] = Path(options["locked"].format(r=r))
     (inputs / "logs").mkdir()

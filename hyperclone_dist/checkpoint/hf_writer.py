@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from hyperclone_dist.checkpoint.atomic import write_file_atomic
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.families import FAMILIES, hf_names_for
 from hyperclone_dist.hf_config import config_to_hf
 from hyperclone_dist.hf_fusion import fuse_hf, hf_shape
+from hyperclone_dist.progress import progress_bar
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
@@ -100,8 +100,7 @@ def write_hf_checkpoint(out_dir: Path, cfg: ModelConfig, canonical: dict[str, tu
     shards = _shards(tensors, shard_bytes)
     total = sum(t.nbytes for t in tensors)
     weight_map: dict[str, str] = {}
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing",
-               disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", enabled=progress)
     with bar:
         for k, shard in enumerate(shards):
             file_name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"

@@ -9,6 +9,7 @@ The trainer reads the result through ``hyperclone_dist.data.loader`` (``DataConf
 fail before paying for it.
 """
 
-# The same filters as hyperclone_dist.megatron: megatron-core's import-time TransformerEngine/Apex warnings
-# would otherwise land on stderr under the CLI's one-line errors.
-import hyperclone_dist.megatron  # noqa: F401
+from hyperclone_dist.quiet_imports import quiet_libraries
+
+# before this package's lazy megatron-core imports: their import-time warnings would land under the CLI's output
+quiet_libraries()

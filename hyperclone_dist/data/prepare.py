@@ -17,7 +17,6 @@ the old pair, no pair, or the new pair, never a torn one.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 from hyperclone_dist.checkpoint.atomic import NOTHING_KEPT, one_line_os_errors, partial_path, publish_files
 from hyperclone_dist.data.corpus import DEFAULT_CORPUS_BYTES, DEFAULT_JSON_KEY, iter_documents, resolve_corpus
 from hyperclone_dist.data.tokenizer import batch_encoder, tokenizer_info
+from hyperclone_dist.progress import progress_bar
 
 BATCH_BYTES = 4_000_000  # text encoded per tokenizer call (threads split a batch by document)
 
@@ -46,14 +46,13 @@ def prepare_dataset(inputs: Sequence[str | Path] | None, tokenizer_model: str | 
                     progress: bool | None = None) -> PreparedDataset:
     """Tokenize ``inputs`` (files, directories, globs; None: the default corpus) into ``out_prefix``.
 
-    ``progress``: a tqdm bar over input bytes on stderr; None shows it only when stderr is a terminal.
+    ``progress``: a tqdm bar over input bytes on stderr when it is a terminal (None or True); False: none.
     """
     corpus = resolve_corpus(inputs, json_key=json_key, default_corpus_bytes=default_corpus_bytes)
     info = tokenizer_info(tokenizer_model)  # checks the tokenizer before megatron-core is imported
     encode = batch_encoder(tokenizer_model)
 
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-    from tqdm import tqdm
 
     prefix = Path(out_prefix)
     bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
@@ -75,9 +74,8 @@ def prepare_dataset(inputs: Sequence[str | Path] | None, tokenizer_model: str | 
         builder = None
         try:
             builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
-            disable = None if progress is None else not progress
-            with tqdm(total=corpus.total_bytes, unit="B", unit_scale=True, desc=f"tokenizing {prefix.name}",
-                      disable=disable, leave=False, file=sys.stderr) as bar:
+            with progress_bar(total=corpus.total_bytes, unit="B", unit_scale=True, desc=f"tokenizing {prefix.name}",
+                              enabled=progress is not False) as bar:
                 batch, size = [], 0
                 for text in iter_documents(corpus, bar.update):
                     batch.append(text)

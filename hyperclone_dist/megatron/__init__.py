@@ -1,10 +1,6 @@
 """megatron-core integration: model mapping, per-rank conversion, checkpoint formats, CPU shims."""
 
-import warnings
+from hyperclone_dist.quiet_imports import quiet_libraries
 
-# megatron-core warns at import that the optional TransformerEngine/Apex kernels are absent, and on every
-# TransformerConfig about a deprecated default it sets itself; neither is actionable for a user here, and
-# both would bury the one-line errors this tool prints.
-warnings.filterwarnings("ignore", message=r".*Transformer Engine and Apex are not installed.*")
-warnings.filterwarnings("ignore", message=r".*Apex is not installed.*")
-warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
+# before any module of this package imports megatron-core: some of its harmless warnings come at import time
+quiet_libraries()

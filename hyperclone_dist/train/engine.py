@@ -7,7 +7,9 @@ the model (TP layers) and the pipeline schedule (see step.py for how the two mee
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 from pathlib import Path
 
 import torch
@@ -123,7 +125,17 @@ def initialize_engine(chunks: list, ds_config: dict, groups: dict[tuple[bool, fl
                      "lr_mult": mult} for (decay, mult), params in _same_groups_everywhere(groups, stack)]
     optimizer = torch.optim.AdamW(param_groups, betas=betas, eps=eps)
     scheduler = lr_scheduler(optimizer, schedule)
+    _comm_backend_without_banner(deepspeed)
     engine, _, _, _ = deepspeed.initialize(model=stack, optimizer=optimizer,
                                            lr_scheduler=scheduler, mpu=MegatronMPU(), config=ds_config,
                                            dist_init_required=False)
     return engine
+
+
+def _comm_backend_without_banner(deepspeed) -> None:
+    """DeepSpeed's comm backend over our process group, made before ``deepspeed.initialize`` would make it:
+    on CPU, loading its shared-memory op prints "DeepSpeed ... built successfully" to stdout on every rank
+    of every run (deepspeed/comm/torch.py, build_shm_op), ahead of the trainer's own first line. Only that
+    print is dropped: a failed build raises, and DeepSpeed's logger keeps the stream it was given."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)

@@ -13,6 +13,8 @@ import os
 import time
 from pathlib import Path
 
+from hyperclone_dist.progress import progress_bar, show_progress
+
 # dense bf16 peak per device, for the MFU estimate when --peak-tflops is not given
 _PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
@@ -74,11 +76,8 @@ class Monitor:
         if metrics:
             Path(metrics).parent.mkdir(parents=True, exist_ok=True)
             self._metrics = open(metrics, "a", buffering=1)  # noqa: SIM115 - open for the run, closed by close()
-        if progress:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
-                             dynamic_ncols=True)
+        if show_progress(progress):  # not a terminal (a batch job's log): the per-step lines of log() instead
+            self._bar = progress_bar(total=total_steps, initial=start_step, desc="pretrain", unit="step", leave=True)
 
     def restart_clock(self) -> None:
         self._last_time = time.perf_counter()
