@@ -23,7 +23,11 @@ OUT_ENV, PROFILE_ENV = "HYPERCLONE_BENCH_OUT", "HYPERCLONE_BENCH_PROFILE"
 
 
 def import_converter() -> None:
-    """Modules a megatron conversion imports whatever the model size: part of the baseline."""
+    """Modules a megatron conversion imports whatever the model size, the way it imports them: part of the
+    baseline."""
+    from hyperclone_dist.megatron.light_imports import import_megatron_core
+
+    import_megatron_core()
     import megatron.core.dist_checkpointing
     import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401
     import torch  # noqa: F401

@@ -11,7 +11,6 @@ from hyperclone_dist.checkpoint.source import stored_nbytes
 from hyperclone_dist.checkpoint.training_state import DS_TAG_FILE
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.megatron import legacy
-from hyperclone_dist.megatron.load import read_iteration
 from hyperclone_dist.params import parameter_count, stored_shapes
 from hyperclone_dist.sources import open_source
 
@@ -53,7 +52,7 @@ def manifest_dirs(path: str | Path) -> list[Path]:
         raise HypercloneError(f"{root / DS_TAG_FILE} holds {tag[:40]!r}, not a checkpoint tag")
     dirs = [root / tag]
     if (root / legacy.TRACKER).is_file():
-        dirs.append(legacy.iteration_dir(root, read_iteration(root)))
+        dirs.append(legacy.latest_dir(root))
     for d in dirs:
         if not (d / MANIFEST).is_file():
             raise HypercloneError(f"{d} has no {MANIFEST} (written by a hyperclone without checksums, or incomplete)")

@@ -1,16 +1,18 @@
-"""DirectFile: the bytes on disk are exactly those written, the digests those of hashlib over the file and
-its ranges, with and without O_DIRECT, for tails of every alignment."""
+"""DirectFile: the bytes on disk are exactly those written, the digests those of reading the file back
+(checkpoint/digests.py: each range's XXH3-128, the file's made of its segments'), with and without
+O_DIRECT, for tails of every alignment."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 
 from hyperclone_dist.checkpoint import direct_file
+from hyperclone_dist.checkpoint.digests import hash_file
 from hyperclone_dist.checkpoint.direct_file import ALIGN, DirectFile
 
 
@@ -22,7 +24,7 @@ def chunks(sizes: list[int], seed: int) -> list[bytes]:
 @pytest.mark.parametrize("sizes", [[1], [ALIGN], [ALIGN + 1, 3], [5000, 70000, 1, 4095],
                                    [direct_file.BUFFER_BYTES - 7, 9, 2 * direct_file.BUFFER_BYTES + 123]],
                          ids=["one-byte", "one-block", "block-plus", "mixed", "across-buffers"])
-def test_bytes_and_digests_match_hashlib(tmp_path, sizes):
+def test_bytes_and_digests_match_a_reread(tmp_path, sizes):
     parts = chunks(sizes, len(sizes))
     path = tmp_path / "out.bin"
     with DirectFile(path) as f:
@@ -35,10 +37,10 @@ def test_bytes_and_digests_match_hashlib(tmp_path, sizes):
         size = f.tell()
     data = b"".join(parts)
     assert path.read_bytes() == data and size == len(data) == os.path.getsize(path)
-    assert f.hexdigest() == hashlib.sha256(data).hexdigest()
     offsets = [sum(sizes[:k]) for k in range(len(sizes))]
-    expected = [(offsets[k], sizes[k], hashlib.sha256(parts[k]).hexdigest()) for k in range(0, len(parts), 2)]
+    expected = [(offsets[k], sizes[k], xxhash.xxh3_128(parts[k]).hexdigest()) for k in range(0, len(parts), 2)]
     assert f.ranges == expected
+    assert f.hexdigest() == hash_file(path, [(lo, n) for lo, n, _ in expected])[1]
 
 
 def test_without_odirect_and_without_hashing(tmp_path, monkeypatch):
@@ -61,7 +63,7 @@ def test_without_odirect_and_without_hashing(tmp_path, monkeypatch):
         plain.end_range()
     assert not hashed.direct and not plain.direct
     assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes() == b"".join(parts)
-    assert hashed.hexdigest() == hashlib.sha256(b"".join(parts)).hexdigest()
+    assert hashed.hexdigest() == xxhash.xxh3_128(b"".join(parts)).hexdigest()  # one segment: the file's digest
     assert plain.hexdigest() is None and plain.ranges == []
 
 

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 
-from hyperclone_dist.checkpoint.manifest import MANIFEST
+from hyperclone_dist.checkpoint.digests import hash_file
+from hyperclone_dist.checkpoint.manifest import MANIFEST, tensor_ranges
 from hyperclone_dist.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,11 +85,17 @@ def test_converted_checkpoint_passes_check(converted, fmt, capsys):
     out = converted[fmt]
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = json.loads((out / MANIFEST).read_text())
-    assert (manifest["format"], manifest["version"], manifest["algorithm"]) == ("hyperclone-manifest", 1, "sha256")
+    assert (manifest["format"], manifest["version"], manifest["algorithm"]) == ("hyperclone-manifest", 2, "xxh3-128")
     assert sorted(manifest["files"]) == sorted(p.relative_to(out).as_posix() for p in files)
     for p in files:
         entry = manifest["files"][p.relative_to(out).as_posix()]
-        assert entry["size"] == p.stat().st_size and entry["hash"] == hashlib.sha256(p.read_bytes()).hexdigest()
+        data, tensors = p.read_bytes(), entry.get("tensors", [])
+        assert entry["size"] == len(data)
+        for t in tensors:  # each tensor's digest is of its bytes alone
+            assert t["hash"] == xxhash.xxh3_128(data[t["offset"]:t["offset"] + t["length"]]).hexdigest()
+        if not tensors:  # a file that is one segment: its digest is xxh128sum's
+            assert entry["hash"] == xxhash.xxh3_128(data).hexdigest()
+        assert entry["hash"] == hash_file(p, [(t["offset"], t["length"]) for t in tensors])[1]
     code, lines = check(out, capsys)
     assert code == 0 and len(lines) == 1, lines
     found = OK_LINE.fullmatch(lines[0])
@@ -163,6 +171,48 @@ def test_flipped_byte_in_torch_dist_file(converted, tmp_path, capsys):
     assert f"(bytes {info.offset}-{info.offset + info.length - 1})" in lines[0]
 
 
+# ---- version-1 manifests (SHA-256 of every file and tensor) -------------------------------------
+def as_version_1(out: Path) -> None:
+    """Rewrite ``out``'s manifest as an earlier hyperclone wrote it: SHA-256 digests, version 1."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    for rel, entry in manifest["files"].items():
+        data = (out / rel).read_bytes()
+        entry["hash"] = hashlib.sha256(data).hexdigest()
+        for t in entry.get("tensors", []):
+            t["hash"] = hashlib.sha256(data[t["offset"]:t["offset"] + t["length"]]).hexdigest()
+    manifest.update(version=1, algorithm="sha256")
+    (out / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_version_1_manifest_still_verifies_and_names_the_tensor(converted, tmp_path, capsys):
+    out = copy_of(converted["legacy"], tmp_path)
+    as_version_1(out)
+    code, lines = check(out, capsys)
+    assert code == 0 and len(lines) == 1 and OK_LINE.fullmatch(lines[0]), lines
+    rel = "iter_0000000/mp_rank_00_000/model_optim_rng.pt"
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        model = torch.load(out / rel, weights_only=True)["model"]
+    key = max(model, key=lambda k: model[k].numel() if isinstance(model[k], torch.Tensor) else 0)
+    flip_inside(out / rel, tensor_bytes(model[key]))
+    code, lines = check(out, capsys)
+    assert code == 1
+    assert_names_only(lines, rel, f"model.{key}")
+
+
+def test_damage_outside_the_tensors_is_reported_as_such(converted, tmp_path, capsys):
+    """Version 2 derives a file's digest from its tensors' and the bytes between them: a changed byte in a
+    header fails the file without blaming a tensor."""
+    out = copy_of(converted["hf"], tmp_path)
+    shard = sorted(out.glob("*.safetensors"))[0]
+    raw = bytearray(shard.read_bytes())
+    at = raw.index(b'"dtype"')
+    raw[at + 1] = ord("D")  # inside the JSON header: no tensor's bytes
+    shard.write_bytes(raw)
+    code, lines = check(out, capsys)
+    assert code == 1 and lines == [f"{shard.name}: bytes outside its tensors (header, index) do not match the "
+                                   "checksum"], lines
+
+
 # ---- missing, truncated and extra files ---------------------------------------------------------
 def test_truncated_missing_and_extra_files(converted, tmp_path, capsys):
     out = copy_of(converted["torch_dist"], tmp_path)
@@ -187,11 +237,23 @@ def test_extra_file_alone_is_a_warning(converted, tmp_path, capsys):
     assert code == 0 and lines[0] == "warning: README.md: not in the manifest" and OK_LINE.fullmatch(lines[1])
 
 
+def test_tensors_are_located_in_torch_saves_older_format(tmp_path):
+    """DeepSpeed with ``checkpoint_serialization: false`` writes torch.save's pre-zip format: the manifest
+    still finds each tensor's bytes in it."""
+    tensors = {"a": torch.arange(12, dtype=torch.float32).reshape(3, 4),
+               "b": {"c": torch.randn(5, dtype=torch.float64)}}
+    path = tmp_path / "old.pt"
+    torch.save(tensors, path, _use_new_zipfile_serialization=False)
+    raw = path.read_bytes()
+    found = {name: raw[offset:offset + length] for name, offset, length in tensor_ranges(path, {})}
+    assert found == {"a": tensors["a"].numpy().tobytes(), "b.c": tensors["b"]["c"].numpy().tobytes()}
+
+
 # ---- training checkpoints -----------------------------------------------------------------------
 @pytest.mark.slow
 def test_training_checkpoint_has_a_manifest(small, tmp_path, capsys):
     """pretrain.py --save: both step directories carry a manifest; checking SAVE checks the latest one,
-    and a flipped byte in DeepSpeed's model file (torch.save's older format) is named."""
+    and a flipped byte in DeepSpeed's model file is named."""
     from hyperclone_dist.train.checkpointing import _deepspeed_safe_globals
 
     save = tmp_path / "ckpt"

@@ -5,8 +5,8 @@ costs a copy into a freshly allocated cache page, and on virtual machines a fres
 2-core VM of docs/benchmarks.md, torch.save of 640 MB into a new file with fsync spends ~1.7 CPU-s, 370 MB/s
 of CPU, where ``dd oflag=direct`` writes the same disk at ~1.3 GB/s. Here every ``write`` is copied into one
 reused, page-aligned buffer, whole buffers go to the disk with O_DIRECT, and the checksums the manifest needs
-(the file's SHA-256 and one per byte range, checkpoint/manifest.py) are computed from the bytes in hand, so
-the manifest never reads the file again.
+(one XXH3 digest per byte range and per stretch between ranges, the file's made of those: each byte hashed
+once, checkpoint/digests.py) are computed from the bytes in hand, so the manifest never reads the file again.
 
 Hand-written because nothing in the dependencies does it where this runs: DeepSpeed's ``FastFileWriter``
 (deepspeed.io) writes O_DIRECT through its ``async_io`` op, which needs libaio headers to build, and
@@ -19,11 +19,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import io
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
+
+from hyperclone_dist.checkpoint.digests import ALGORITHM, SegmentHasher
 
 ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses: a multiple of the logical block size
 BUFFER_BYTES = 4 << 20  # one O_DIRECT write; small beside a shard (it counts in the per-process memory bound)
@@ -31,12 +32,13 @@ BUFFER_BYTES = 4 << 20  # one O_DIRECT write; small beside a shard (it counts in
 
 class DirectFile(io.RawIOBase):
     """``open(path, "wb")`` for large sequential writes; ``begin_range``/``end_range`` around the bytes
-    that one digest should cover (one saved tensor). Each full buffer is hashed on two threads (the file's
-    digest, the ranges' digests; hashlib releases the GIL) while it is written; ``algorithm=None``: no
-    hashing."""
+    that one digest should cover (one saved tensor). Each full buffer is hashed on a second thread while the
+    main one writes it (``os.write`` releases the GIL); ``algorithm=None``: no hashing."""
 
-    def __init__(self, path: str | os.PathLike, algorithm: str | None = "sha256"):
+    def __init__(self, path: str | os.PathLike, algorithm: str | None = ALGORITHM):
         super().__init__()
+        if algorithm not in (ALGORITHM, None):
+            raise ValueError(f"DirectFile hashes with {ALGORITHM} or not at all, not {algorithm}")
         self.path = os.fspath(path)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         self.direct = hasattr(os, "O_DIRECT")
@@ -52,10 +54,9 @@ class DirectFile(io.RawIOBase):
         self._filled = 0
         self._written = 0  # bytes accepted by write()
         self._drained = 0  # bytes handed to the disk (and hashed)
-        self._algorithm = algorithm
-        self._whole = hashlib.new(algorithm) if algorithm else None
-        self._ranges: list[list] = []  # [offset, end or None while open, hasher]
-        self._hashers = ThreadPoolExecutor(2, thread_name_prefix="direct-file-hash") if algorithm else None
+        self._segments = SegmentHasher() if algorithm else None
+        self._digests: tuple[str | None, list] = (None, [])  # the file's and its ranges', after close
+        self._hashers = ThreadPoolExecutor(1, thread_name_prefix="direct-file-hash") if algorithm else None
 
     def writable(self) -> bool:
         return True
@@ -80,20 +81,21 @@ class DirectFile(io.RawIOBase):
         """Nothing: O_DIRECT writes whole aligned blocks; ``close`` writes the tail and syncs."""
 
     def begin_range(self) -> None:
-        if self._algorithm:
-            self._ranges.append([self._written, None, hashlib.new(self._algorithm)])
+        if self._segments:
+            self._segments.begin(self._written)
 
     def end_range(self) -> None:
-        if self._algorithm:
-            self._ranges[-1][1] = self._written
+        if self._segments:
+            self._segments.end(self._written)
 
     @property
     def ranges(self) -> list[tuple[int, int, str]]:
         """(offset, length, digest) of every range; after ``close``."""
-        return [(start, end - start, hasher.hexdigest()) for start, end, hasher in self._ranges]
+        return self._digests[1]
 
     def hexdigest(self) -> str | None:
-        return self._whole.hexdigest() if self._whole else None
+        """The file's digest (checkpoint/digests.py, manifest version 2); after ``close``."""
+        return self._digests[0]
 
     def close(self) -> None:
         if self.closed:
@@ -102,6 +104,8 @@ class DirectFile(io.RawIOBase):
             if self._filled:
                 self._drain()
             os.fsync(self._fd)
+            if self._segments:
+                self._digests = self._segments.finish(self._written)
         finally:
             os.close(self._fd)
             if self._hashers:
@@ -116,8 +120,7 @@ class DirectFile(io.RawIOBase):
         """Hash and write the buffered bytes; a tail shorter than ALIGN is padded and cut off again."""
         n, start = self._filled, self._drained
         data = self._view[:n]
-        hashing = [self._hashers.submit(self._whole.update, data),
-                   self._hashers.submit(self._hash_ranges, data, start)] if self._hashers else []
+        hashing = [self._hashers.submit(self._segments.update, data, start)] if self._hashers else []
         padded = -(-n // ALIGN) * ALIGN if self.direct else n
         self._view[n:padded] = bytes(padded - n)
         try:
@@ -148,10 +151,3 @@ class DirectFile(io.RawIOBase):
     def _buffered(self) -> None:
         fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
         self.direct = False
-
-    def _hash_ranges(self, data: memoryview, start: int) -> None:
-        end = start + len(data)
-        for lo, hi, hasher in self._ranges:
-            hi = end if hi is None else hi
-            if lo < end and hi > start:
-                hasher.update(data[max(lo, start) - start:min(hi, end) - start])

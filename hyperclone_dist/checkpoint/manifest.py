@@ -1,15 +1,18 @@
 """Checksum manifests: every checkpoint directory this tool writes carries ``hyperclone-manifest.json``.
 
-    {"format": "hyperclone-manifest", "version": 1, "algorithm": "sha256",
+    {"format": "hyperclone-manifest", "version": 2, "algorithm": "xxh3-128",
      "files": {"iter_0000000/__0_0.distcp": {"size": 904143, "hash": "...",
                "tensors": [{"name": "<tensor key>[0:1, 0:176, 0:128]",
                             "offset": 354009, "length": 91689, "hash": "..."}, ...]}, ...}}
 
-Each regular file's size and SHA-256 (``sha256sum`` gives the same digest), plus, where the format says
-where its tensors lie, each tensor's byte range and its own digest, so that a damaged file is reported
-with the tensors whose bytes changed: safetensors (the header's data_offsets), torch.save files in the
-zip and in the older format DeepSpeed writes (storages located in the file, named through the pickle),
-and PyTorch DCP / megatron-core ``torch_dist`` ``.distcp`` files (the ``.metadata`` storage map).
+Each regular file's size and digest, plus, where the format says where its tensors lie, each tensor's byte
+range and its own digest, so that a damaged file is reported with the tensors whose bytes changed:
+safetensors (the header's data_offsets), torch.save files in the zip and in the older format (DeepSpeed's
+with ``checkpoint_serialization: false``; storages located in the file, named through the pickle), and
+PyTorch DCP / megatron-core ``torch_dist`` ``.distcp`` files (the ``.metadata`` storage map). The digests
+(checkpoint/digests.py) hash every byte once: a file's digest is derived from its tensors' digests and the
+bytes between them. They guard against corruption, not against an adversary. Version-1 manifests (SHA-256
+of each file and of each tensor) are still checked.
 ``check_manifest`` needs only the manifest: it never parses a checkpoint file.
 
 Hand-written: torch, safetensors, megatron-core and DeepSpeed write no checksums of their checkpoints.
@@ -19,7 +22,6 @@ Hand-written: torch, safetensors, megatron-core and DeepSpeed write no checksums
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -30,11 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hyperclone_dist.checkpoint.atomic import write_bytes_atomic
+from hyperclone_dist.checkpoint.digests import ALGORITHM, SHA256, hash_file
 from hyperclone_dist.errors import HypercloneError
 
 MANIFEST = "hyperclone-manifest.json"
-FORMAT, VERSION, ALGORITHM = "hyperclone-manifest", 1, "sha256"  # sha256: ~1.6 GB/s a core with SHA-NI
-CHUNK_BYTES = 4 << 20  # read size: files are streamed, never held whole
+FORMAT, VERSION = "hyperclone-manifest", 2
+ALGORITHMS = {1: SHA256, 2: ALGORITHM}  # the digests of each manifest version this reads
 MAX_TENSOR_LINES = 10  # per damaged file; the rest are counted
 
 
@@ -192,9 +195,9 @@ _ITEM_BYTES = {"Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "In
 
 
 def _torch_legacy_storages(path: Path) -> tuple[object, dict[str, tuple[int, int]]]:
-    """torch.save's older format, which DeepSpeed writes by default: pickles of the magic number, the
-    protocol, the system info, the object and the list of storage keys, then each storage in that order as
-    an 8-byte little-endian element count and its bytes."""
+    """torch.save's older format (DeepSpeed's with ``checkpoint_serialization: false``): pickles of the magic
+    number, the protocol, the system info, the object and the list of storage keys, then each storage in that
+    order as an 8-byte little-endian element count and its bytes."""
     magic = pickle.dumps(LEGACY_MAGIC, protocol=2)[2:]  # after PROTO n: checked before unpickling anything
     with open(path, "rb") as f:
         if f.read(2 + len(magic))[2:] != magic:
@@ -289,35 +292,10 @@ def tensor_ranges(path: Path, dcp_cache: dict) -> list[tuple[str, int, int]]:
 
 
 # ---- hashing ---------------------------------------------------------------------------------------
-def hash_file(path: Path, ranges: list[tuple[int, int]] = ()) -> tuple[int, str, list[str]]:
-    """One sequential read: (bytes read, the file's digest, each (offset, length) range's digest)."""
-    order = sorted(range(len(ranges)), key=lambda i: ranges[i][0])
-    hashers = [hashlib.new(ALGORITHM) for _ in ranges]
-    whole, active, nxt, pos = hashlib.new(ALGORITHM), [], 0, 0
-    buf = bytearray(CHUNK_BYTES)
-    view = memoryview(buf)
-    with open(path, "rb") as f:
-        while n := f.readinto(buf):
-            chunk, end = view[:n], pos + n
-            whole.update(chunk)
-            while nxt < len(order) and ranges[order[nxt]][0] < end:
-                active.append(order[nxt])
-                nxt += 1
-            still = []
-            for i in active:
-                lo, hi = ranges[i][0], ranges[i][0] + ranges[i][1]
-                if max(lo, pos) < min(hi, end):
-                    hashers[i].update(chunk[max(lo, pos) - pos:min(hi, end) - pos])
-                if hi > end:
-                    still.append(i)
-            active, pos = still, end
-    return pos, whole.hexdigest(), [h.hexdigest() for h in hashers]
-
-
 def file_entries(root: Path, rels: list[str], threads: int = 1) -> dict[str, dict]:
     """Manifest entries of some of ``root``'s files (a share of them, when several processes hash).
-    ``threads`` > 1 hashes that many files at once: hashlib and file reads release the GIL, and hashing,
-    not reading, is the cost for files just written (still in the page cache)."""
+    ``threads`` > 1 hashes that many files at once: file reads release the GIL (a file just written is in
+    the page cache or on the disk; XXH3 itself, ~25 GB/s a core, is not what a conversion waits for)."""
     dcp_cache: dict = {}
     ranges = {rel: tensor_ranges(root / rel, dcp_cache) for rel in rels}
 
@@ -342,7 +320,7 @@ def write_manifest(root: Path, entries: dict[str, dict] | None = None,
                    hashed: dict[str, dict] | None = None) -> Path:
     """Write ``root/hyperclone-manifest.json`` atomically: ``entries`` as given, or every file under ``root``
     hashed now, but for the ones in ``hashed`` (entries computed while they were written). Cost: one read of
-    the files hashed, ~0.8 GB/s a core (tensor bytes are hashed twice), on every core this process may use."""
+    the files hashed, each byte hashed once, on every core this process may use."""
     root = Path(root)
     if entries is None:
         hashed = hashed or {}
@@ -419,9 +397,10 @@ def read_manifest(root: Path) -> dict:
         raise HypercloneError(f"{path} is unreadable: {exc}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("files"), dict):
         raise HypercloneError(f"{path} is not a {FORMAT} file")
-    if doc.get("version") != VERSION or doc.get("algorithm") != ALGORITHM:
+    if ALGORITHMS.get(doc.get("version")) != doc.get("algorithm"):
+        known = ", ".join(f"{v} / {a}" for v, a in ALGORITHMS.items())
         raise HypercloneError(f"{path}: version {doc.get('version')} / {doc.get('algorithm')} is not "
-                              f"{VERSION} / {ALGORITHM}, the one this hyperclone reads")
+                              f"one this hyperclone reads ({known})")
     for rel, entry in doc["files"].items():
         tensors = entry.get("tensors", []) if isinstance(entry, dict) else None
         if not (_inside(rel) and _valid(entry, {"size": int, "hash": str}) and isinstance(tensors, list)
@@ -443,7 +422,8 @@ def _valid(entry, fields: dict[str, type]) -> bool:
 def check_manifest(root: Path, prefix: str = "") -> ManifestCheck:
     """Compare every file under ``root`` with its manifest; ``prefix`` starts each reported path."""
     root = Path(root)
-    files = read_manifest(root)["files"]
+    doc = read_manifest(root)
+    files, algorithm = doc["files"], doc["algorithm"]
     result = ManifestCheck()
     present = dict(list_files(root))
     result.warnings += [f"{prefix}{rel}: not in the manifest" for rel in present if rel not in files]
@@ -459,20 +439,24 @@ def check_manifest(root: Path, prefix: str = "") -> ManifestCheck:
             result.problems.append(f"{where}: {present[rel]} bytes, the manifest says {entry['size']} ({how})")
             continue
         try:
-            size, digest, _ = hash_file(root / rel)
+            if algorithm == ALGORITHM:  # one read: the file's digest is made of its tensors' and the rest's
+                size, digest, digests = hash_file(root / rel, [(t["offset"], t["length"]) for t in tensors])
+            else:
+                size, digest, digests = hash_file(root / rel, (), algorithm)
             result.nbytes += size
             if digest != entry["hash"]:
-                result.problems += _localise(root / rel, where, tensors)
+                if algorithm != ALGORITHM and tensors:  # version 1: a second read, hashing the tensors
+                    digests = hash_file(root / rel, [(t["offset"], t["length"]) for t in tensors], algorithm)[2]
+                result.problems += _localise(where, tensors, digests)
         except OSError as exc:
             result.problems.append(f"{where}: unreadable ({exc.strerror or exc})")
     return result
 
 
-def _localise(path: Path, where: str, tensors: list[dict]) -> list[str]:
-    """A second read of a damaged file, hashing its tensors' ranges to name those that changed."""
+def _localise(where: str, tensors: list[dict], digests: list[str]) -> list[str]:
+    """The lines naming the tensors of a damaged file whose ranges no longer match their digests."""
     if not tensors:
         return [f"{where}: does not match its checksum"]
-    _, _, digests = hash_file(path, [(t["offset"], t["length"]) for t in tensors])
     bad = [t for t, h in zip(tensors, digests) if h != t["hash"]]
     if not bad:
         return [f"{where}: bytes outside its tensors (header, index) do not match the checksum"]

@@ -2,6 +2,7 @@
 
     hyperclone convert small/ --out big/ --width-factor 2 --method noisy --format hf
     hyperclone verify small/ big/
+    hyperclone verify small/ ckpt/ --tp 2 --pp 2   # megatron: starts its 4 ranks itself, or run it under torchrun
     hyperclone inspect big/
     hyperclone quickstart
     hyperclone data tokenizer --out data/tok && hyperclone data prepare --tokenizer data/tok.model --out data/stdlib
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import sys
 
 import torch
@@ -25,16 +27,25 @@ from hyperclone_dist.cli.flags import (
     layout_from_args,
 )
 from hyperclone_dist.cli.quickstart import run_quickstart
+from hyperclone_dist.cli.ranks import local_ranks_unavailable, run_ranks, torchrun_command
 from hyperclone_dist.convert import DTYPES, convert
 from hyperclone_dist.data.cli import add_data_commands, run_data_command
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.inspect_ckpt import check_checkpoint, describe
 from hyperclone_dist.megatron.convert import convert_to_megatron
 from hyperclone_dist.megatron.export import export_checkpoint
+from hyperclone_dist.megatron.lm_flags import format_flags, pretrain_flags, tokenizer_missing
 from hyperclone_dist.megatron.load import is_megatron_checkpoint
 from hyperclone_dist.megatron.parallel import AgreedError, destroy_parallel, init_distributed
 from hyperclone_dist.megatron.verify import verify_megatron
+from hyperclone_dist.progress import show_progress
+from hyperclone_dist.sources import model_config_at
 from hyperclone_dist.verify import compare_checkpoints
+
+# `hyperclone inspect | head`: the reader left early. 128 + SIGPIPE is what the shell reports for any Unix
+# tool killed by the closed pipe (`seq 1 100000 | head -1` under pipefail), so scripts treat us the same;
+# a pipe that closes on purpose is no error worth a message.
+EXIT_BROKEN_PIPE = 141
 
 
 def _on_every_rank(command: str, work) -> int:
@@ -63,8 +74,9 @@ def _convert_megatron(args: argparse.Namespace) -> int:
 def _write_megatron(args: argparse.Namespace) -> int:
     layout = layout_from_args(args)
     result = convert_to_megatron(args.src, args.out, growth_spec(args), layout, fmt=args.format,
-                                 dtype=DTYPES.get(args.dtype), overwrite=args.overwrite, progress=not args.no_progress,
-                                 checksums=not args.no_checksums)
+                                 dtype=DTYPES.get(args.dtype), overwrite=args.overwrite,
+                                 progress=show_progress(not args.no_progress),
+                                 checksums=not args.no_checksums, release=args.release)
     if int(os.environ.get("RANK", "0")) == 0:
         g = result.large
         print(f"wrote {result.out}: {args.format} {layout.describe()}, {g.family} hidden {g.hidden_size}, "
@@ -80,8 +92,17 @@ def _note_rounding(method: str, dtype) -> None:
               "longer cancel exactly (verify shows ~1e-3); --dtype float32 keeps the function to 1e-5")
 
 
-def _verify_megatron(args: argparse.Namespace) -> int:
-    """Under torchrun with tp x pp processes: load into GPTModel at that layout, compare logits."""
+def _verify_megatron(args: argparse.Namespace, argv: list[str]) -> int:
+    """Under torchrun with tp x pp processes: load into GPTModel at that layout, compare logits. Without a
+    launcher and tp x pp > 1, this command starts those processes itself (cli/ranks.py)."""
+    layout = layout_from_args(args)
+    nproc = layout.world
+    if "WORLD_SIZE" not in os.environ and nproc > 1:
+        layout.validate(model_config_at(args.grown))  # a layout the model refuses: said now, by one process
+        why_not = local_ranks_unavailable(nproc)
+        if why_not:
+            raise HypercloneError(f"{why_not}; start the ranks with a launcher: {torchrun_command(nproc, argv)}")
+        return run_ranks(nproc, argv, "hyperclone verify")
     return _on_every_rank("verify", lambda: _verify_at_layout(args))
 
 
@@ -111,12 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=float, default=2.0, metavar="GiB", help="max safetensors shard size")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     p.add_argument("--no-checksums", action="store_true",
-                   help="write no hyperclone-manifest.json (its SHA-256 hashing is about a third of a torch_dist "
-                        "conversion's CPU time)")
+                   help="write no hyperclone-manifest.json (its XXH3 hashing costs ~0.05 CPU-s per GB written)")
+    p.add_argument("--release", action="store_true",
+                   help="megatron formats: write Megatron-LM's release tag (release/, tracker 'release') instead of "
+                        "iteration 0; Megatron-LM then loads the weights without optimizer or RNG state, no flags "
+                        "needed")
     p.add_argument("--no-progress", action="store_true")
     add_growth_flags(p)
 
-    p = sub.add_parser("verify", help="compare logits of a small and a grown model (exit 0 within tolerance)")
+    p = sub.add_parser("verify", help="compare logits of a small and a grown model (exit 0 within tolerance)",
+                       description="Compare logits of a small and a grown model; the last line is the verdict, OK "
+                                   "(exit 0) or FAIL (exit 1). A megatron checkpoint loads into GPTModel at --tp x "
+                                   "--pp: under torchrun with that many processes, or, started without a launcher, "
+                                   "in that many local processes this command starts itself (exit status: theirs).")
     p.add_argument("small", help="HF model directory or small.pt")
     p.add_argument("grown", help="HF model directory or small.pt")
     p.add_argument("--tol", type=float, default=1e-5, help="max relative logit difference allowed")
@@ -136,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser("megatron-lm-flags", help="Megatron-LM pretrain_gpt.py flags that build a checkpoint's model "
+                                                 "exactly and start from its weights")
+    p.add_argument("ckpt", help="megatron checkpoint directory (legacy or torch_dist)")
+    p.add_argument("--use-checkpoint-args", action="store_true",
+                   help="print --use-checkpoint-args and only the model flags Megatron-LM does not read from a "
+                        "checkpoint (norm epsilon, q/k norms, sliding window, init std, RoPE scaling, layer spec)")
+
     p = sub.add_parser("inspect", help="family, shapes, parameter count, dtype; --check: verify checksums")
     p.add_argument("path")
     p.add_argument("--tensors", action="store_true", help="list every tensor")
@@ -152,15 +187,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, where it is caught, not in the interpreter's exit flush
+        return code
+    except BrokenPipeError:
+        if not _stdout_reader_gone():  # another pipe broke (a worker's, a socket's): a failure to show
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is still buffered goes nowhere
+        return EXIT_BROKEN_PIPE
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll reports an error on its writing end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or stdout is no file
+        return False
+
+
+def _run(argv: list[str]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
         if args.command == "convert" and args.format != "hf":
             return _convert_megatron(args)
         if args.command == "convert":
+            if args.release:
+                raise HypercloneError("--release is a megatron tag (--format legacy or torch_dist), not an hf one")
             result = convert(args.src, args.out, growth_spec(args), fmt=args.format, dtype=args.dtype,
                              overwrite=args.overwrite, shard_bytes=int(args.shard_size * 2**30),
-                             progress=not args.no_progress, checksums=not args.no_checksums)
+                             progress=show_progress(not args.no_progress), checksums=not args.no_checksums)
             s, g = result.small, result.large
             print(f"wrote {result.out}: {g.family} hidden {s.hidden_size}->{g.hidden_size}, "
                   f"ffn {s.ffn_hidden_size}->{g.ffn_hidden_size}, layers {s.num_layers}->{g.num_layers}, "
@@ -169,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "verify":
             if is_megatron_checkpoint(args.grown):
-                return _verify_megatron(args)
+                return _verify_megatron(args, argv)
             diff = compare_checkpoints(args.small, args.grown, args.seq_len, args.batch, args.seed)
             verdict = "OK" if diff.ok(args.tol) else "FAIL"
             print(f"max abs logit diff {diff.max_abs:.3e}  max rel {diff.max_rel:.3e}  (tol {args.tol:g}, "
@@ -177,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if diff.ok(args.tol) else 1
         if args.command == "export":
             cfg = export_checkpoint(args.ckpt, args.out, args.format, DTYPES.get(args.dtype), args.overwrite,
-                                    progress=not args.no_progress)
+                                    progress=show_progress(not args.no_progress))
             print(f"wrote {args.out}: {args.format}, {cfg.family} hidden {cfg.hidden_size}, layers {cfg.num_layers}")
             return 0
         if args.command == "inspect" and args.check:
@@ -192,6 +252,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "inspect":
             print(describe(args.path, args.tensors))
+            return 0
+        if args.command == "megatron-lm-flags":
+            flags = pretrain_flags(args.ckpt, args.use_checkpoint_args)
+            print(format_flags(flags))
+            if tokenizer_missing(flags):
+                print("hyperclone megatron-lm-flags: note: the checkpoint names no tokenizer; add --tokenizer-type "
+                      "and --tokenizer-model", file=sys.stderr)
             return 0
         if args.command == "quickstart":
             return run_quickstart(args.out)

@@ -54,6 +54,7 @@ class Grower:
         self.shapes = canonical_shapes(self.large)
         self._small_shapes = canonical_shapes(small)
         self._mean_squares: dict[str, float] = {}
+        self._held: tuple[str, torch.Tensor] | None = None  # _small's cache
 
     # ---- bookkeeping ----------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -71,10 +72,13 @@ class Grower:
         return tuple(self.spec.factor(a) for a in rule_for(name).axes)
 
     # ---- the primitive --------------------------------------------------------------------------
-    def slice(self, name: str, index: Index = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def slice(self, name: str, index: Index = None, dtype: torch.dtype | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
         """Elements ``index`` (one slice per dimension, step 1) of grown tensor ``name``, in ``dtype``: by
         default float32, what every element is computed in (float64 for a float64 source), so a bf16 or fp16
-        source's clone is rounded once, to the dtype it is written in, and a float32 one not at all."""
+        source's clone is rounded once, to the dtype it is written in, and a float32 one not at all.
+        ``out``: a tensor of the slice's shape (a view of the memory it is written from) that the elements
+        are computed into, in its dtype, and returned; the same values as a copy into it."""
         if name not in self.shapes:
             raise HypercloneError(f"the grown model has no parameter {name}")
         shape = self.shapes[name]
@@ -86,21 +90,38 @@ class Grower:
             small = self.get_small_rows(small_name, r0, r1)
             bounds = [(0, r1 - r0), cols]
         else:
-            small = self.get_small(small_name)
+            small = self._small(small_name)
         compute = torch.float64 if small.dtype == torch.float64 else torch.float32
         out_dtype = dtype or compute
         out_shape = tuple(hi - lo for lo, hi in bounds)
+        if out is not None and tuple(out.shape) != out_shape:
+            raise HypercloneError(f"{name}: the slice is {out_shape}, its output {tuple(out.shape)}")
         if small.is_meta:
             return torch.empty(out_shape, dtype=out_dtype, device="meta")
         if source is not None and source.identity and rule.residual_writer:
-            return torch.zeros(out_shape, dtype=out_dtype)
+            return torch.zeros(out_shape, dtype=out_dtype) if out is None else out.zero_()
         work = small.to(compute)
         if rule.sqrt_hidden_scaled and self.small.embedding_scale:
             # the model multiplies this output by sqrt(hidden_size): sqrt(n) larger once grown
             work = work * math.sqrt(self.small.hidden_size / self.large.hidden_size)
         if self.spec.method == "warmstart":
-            return self._warmstart(name, rule, work, bounds).to(out_dtype)
-        return self._clone(name, rule, work, bounds, out_dtype)
+            grown = self._warmstart(name, rule, work, bounds).to(out_dtype)
+            return grown if out is None else out.copy_(grown)
+        if out is not None and work.dim() == 1:
+            return out.copy_(self._clone(name, rule, work, bounds, out_dtype))
+        return self._clone(name, rule, work, bounds, out_dtype, out)
+
+    def slice_into(self, name: str, index: Index, out: torch.Tensor) -> torch.Tensor:
+        """``slice`` computed into ``out`` (megatron/mapping.py's ``SliceInto``)."""
+        return self.slice(name, index, out=out)
+
+    def _small(self, name: str) -> torch.Tensor:
+        """A one-entry cache of whole small tensors: a rank's fused QKV rows are grown group by group
+        straight into the parameter, each group asking for the same small q (then k, then v) again."""
+        if self._held is None or self._held[0] != name:
+            self._held = None  # the previous one goes before the next is read
+            self._held = (name, self.get_small(name))
+        return self._held[1]
 
     def _rows_alone(self, name: str, rule: Rule) -> bool:
         """A matrix whose rows are not copied (vocab, positions) and that takes no noise needs only the
@@ -111,7 +132,8 @@ class Grower:
         return rows_copies == 1 and (not rule.mixable or cols_copies == 1)
 
     # ---- HyperCloning ---------------------------------------------------------------------------
-    def _clone(self, name: str, rule: Rule, w: torch.Tensor, bounds, out_dtype: torch.dtype) -> torch.Tensor:
+    def _clone(self, name: str, rule: Rule, w: torch.Tensor, bounds, out_dtype: torch.dtype,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         if w.dim() == 1:
             (lo, hi), = bounds
             return w[torch.arange(lo, hi) % w.shape[0]].to(out_dtype)
@@ -119,15 +141,30 @@ class Grower:
         o, i = w.shape
         b = self.factors(name)[1]
         # blocks are computed in float32 and cast as they land: one block-sized temporary at a time
-        out = torch.empty(r1 - r0, c1 - c0, dtype=out_dtype)
+        if out is None:
+            out = torch.empty(r1 - r0, c1 - c0, dtype=out_dtype)
         for rb in range(r0 // o, (r1 - 1) // o + 1):
             lr0, lr1 = max(r0, rb * o) - rb * o, min(r1, (rb + 1) * o) - rb * o
             for cb in range(c0 // i, (c1 - 1) // i + 1):
                 lc0, lc1 = max(c0, cb * i) - cb * i, min(c1, (cb + 1) * i) - cb * i
                 dr, dc = rb * o + lr0 - r0, cb * i + lc0 - c0
-                out[dr:dr + lr1 - lr0, dc:dc + lc1 - lc0] = self._clone_block(
-                    name, rule, w, b, rb, cb, (lr0, lr1), (lc0, lc1))
+                target = out[dr:dr + lr1 - lr0, dc:dc + lc1 - lc0]
+                if not self._copy_block_into(rule, w, b, (lr0, lr1), (lc0, lc1), target):
+                    target.copy_(self._clone_block(name, rule, w, b, rb, cb, (lr0, lr1), (lc0, lc1)))
         return out
+
+    def _copy_block_into(self, rule: Rule, w, b: int, rows, cols, target: torch.Tensor) -> bool:
+        """A symmetric block (w or w / b) computed straight into ``target`` when that is what
+        ``_clone_block`` returns and no cast follows; False where it is not."""
+        method = self.spec.method if (rule.mixable and b > 1) else "symmetric"
+        if method != "symmetric" or target.dtype != w.dtype:
+            return False
+        part = w[rows[0]:rows[1], cols[0]:cols[1]]
+        if rule.divide:
+            torch.div(part, b, out=target)
+        else:
+            target.copy_(part)
+        return True
 
     def _clone_block(self, name, rule: Rule, w, b, rb, cb, rows, cols) -> torch.Tensor:
         """Block (rb, cb) of a grown matrix, restricted to small-tensor rows/cols."""

@@ -10,13 +10,13 @@ own rank's slices in memory through the same mapping, megatron/weights.py; no fi
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from hyperclone_dist.checkpoint import lock
 from hyperclone_dist.checkpoint.atomic import make_partial_dir, publish
@@ -29,10 +29,13 @@ from hyperclone_dist.growth.grow import Grower
 from hyperclone_dist.growth.spec import GrowthSpec
 from hyperclone_dist.layout import Layout
 from hyperclone_dist.megatron import legacy, torch_dist
+from hyperclone_dist.megatron.light_imports import import_megatron_core
+from hyperclone_dist.megatron.lm_args import HF_TOKENIZER, TokenizerRef, hf_tokenizer_at, tokenizer_ref
 from hyperclone_dist.megatron.model import check_representable
 from hyperclone_dist.megatron.parallel import agreed, init_model_parallel
 from hyperclone_dist.megatron.torch_dist_serial import save_grown_serially
 from hyperclone_dist.megatron.weights import rank_state_dicts
+from hyperclone_dist.progress import progress_bar
 from hyperclone_dist.sources import open_source
 
 MEGATRON_FORMATS = ("legacy", "torch_dist")
@@ -56,42 +59,55 @@ def _dist():
 @torch.inference_mode()
 def convert_to_megatron(src: str | Path, out: str | Path, spec: GrowthSpec, layout: Layout, *, fmt: str = "legacy",
                         dtype: torch.dtype | None = None, overwrite: bool = False,
-                        progress: bool = True, checksums: bool = True) -> MegatronConvertResult:
+                        progress: bool = True, checksums: bool = True, release: bool = False) -> MegatronConvertResult:
     """Grow ``src`` into a megatron checkpoint at ``out`` with ``layout``. Under an initialised
     torch.distributed group, process k writes the ranks r with r % world == k. ``dtype``: of the weights
-    (default: the source's). ``checksums``: write ``hyperclone-manifest.json`` (checkpoint/manifest.py)."""
+    (default: the source's). ``checksums``: write ``hyperclone-manifest.json`` (checkpoint/manifest.py).
+    ``release``: Megatron-LM's ``release`` tag instead of iteration 0 (it then loads no optimizer or RNG
+    state, without flags)."""
     if fmt not in MEGATRON_FORMATS:
         raise HypercloneError(f"unknown megatron format {fmt!r} (choose from {', '.join(MEGATRON_FORMATS)})")
+    import_megatron_core()  # without the compiler and wandb imports: every process of a torchrun job pays them
     src, out = Path(src), Path(out)
     with lock.held_while_writing(out):  # rank 0 locks ``out`` in make_partial_dir; released once published
-        return _grow_and_write(src, out, spec, layout, fmt, dtype, overwrite, progress, checksums)
+        return _grow_and_write(src, out, spec, layout, fmt, dtype, overwrite, progress, checksums, release)
 
 
 def _grow_and_write(src: Path, out: Path, spec: GrowthSpec, layout: Layout, fmt: str, dtype: torch.dtype | None,
-                    overwrite: bool, progress: bool, checksums: bool) -> MegatronConvertResult:
+                    overwrite: bool, progress: bool, checksums: bool, release: bool) -> MegatronConvertResult:
     grower, source_dtype = agreed(_grower, src, spec, layout)
     dtype = dtype or source_dtype
+    tag = legacy.RELEASE if release else 0
+    tokenizer = copied_tokenizer(src, out)
+    args = legacy.megatron_args(grower.large, layout, dtype, fmt=fmt, tokenizer=tokenizer)
     if fmt == "torch_dist":
-        return _convert_torch_dist(src, out, grower, layout, dtype, overwrite, progress, checksums)
+        return _convert_torch_dist(src, out, grower, layout, dtype, args, tag, overwrite, progress, checksums)
     dist = _dist()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
     tmp = _shared_tmp_dir(out, overwrite, src, dist, rank)
-    args = legacy.megatron_args(grower.large, layout, dtype)
     ranks = [(t, p) for p in range(layout.pp) for t in range(layout.tp)]
     mine = [r for k, r in enumerate(ranks) if k % world == rank]
     written = 0
     failure = None
     try:
-        for tp_rank, pp_rank in tqdm(mine, desc=f"converting (process {rank})", unit="rank", disable=not progress):
-            chunks = rank_state_dicts(grower.large, layout, tp_rank, pp_rank, grower.slice, dtype)
-            target = legacy.rank_dir(tmp, 0, layout, tp_rank, pp_rank)
+        for tp_rank, pp_rank in progress_bar(mine, desc=f"converting (process {rank})", unit="rank",
+                                         enabled=progress and rank == 0):
+            chunks = rank_state_dicts(grower.large, layout, tp_rank, pp_rank, grower.slice, dtype,
+                                      grower.slice_into)
+            target = legacy.rank_dir(tmp, tag, layout, tp_rank, pp_rank)
             target.mkdir(parents=True, exist_ok=True)
             torch_save(legacy.rank_payload(chunks, args, 0), target / legacy.RANK_FILE)  # OSError if disk full
             written += sum(t.numel() * t.element_size() for sd in chunks for t in sd.values())
     except Exception as exc:  # every process must reach _finish, or the others wait forever
         failure = exc
-    _finish(src, out, tmp, dist, rank, failure, checksums)
+    _finish(src, out, tmp, dist, rank, failure, checksums, tag)
     return MegatronConvertResult(out, grower.large, len(mine), written, dtype)
+
+
+def copied_tokenizer(src: Path, out: Path) -> TokenizerRef | None:
+    """The Hugging Face tokenizer of ``src``, as it will be once copied beside the weights in ``out``."""
+    source = tokenizer_ref(src) if src.is_dir() else None
+    return hf_tokenizer_at(out) if source and source.type == HF_TOKENIZER else None
 
 
 def _grower(src: Path, spec: GrowthSpec, layout: Layout) -> tuple[Grower, torch.dtype]:
@@ -105,12 +121,14 @@ def _grower(src: Path, spec: GrowthSpec, layout: Layout) -> tuple[Grower, torch.
 
 
 def _convert_torch_dist(src: Path, out: Path, grower: Grower, layout: Layout, dtype: torch.dtype,
-                        overwrite: bool, progress: bool, checksums: bool) -> MegatronConvertResult:
+                        args: argparse.Namespace, tag: int | str, overwrite: bool, progress: bool,
+                        checksums: bool) -> MegatronConvertResult:
     """One process per model-parallel rank (processes beyond tp x pp are data-parallel replicas that
     megatron's replica ids keep from writing twice)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and _dist() is None:
-        return _convert_torch_dist_serially(src, out, grower, layout, dtype, overwrite, progress, checksums)
+        return _convert_torch_dist_serially(src, out, grower, layout, dtype, args, tag, overwrite, progress,
+                                            checksums)
     if world % layout.world:
         raise HypercloneError(
             f"torch_dist at tp x pp = {layout.tp} x {layout.pp} from several processes needs one process per "
@@ -122,26 +140,28 @@ def _convert_torch_dist(src: Path, out: Path, grower: Grower, layout: Layout, dt
     tmp = _shared_tmp_dir(out, overwrite, src, dist, rank)
     failure, written, hashed = None, 0, {}
     try:
-        written, hashed = torch_dist.save_grown(grower, layout, legacy.iteration_dir(tmp, 0), dtype, checksums)
+        written, hashed = torch_dist.save_grown(grower, layout, legacy.iteration_dir(tmp, tag), dtype, args,
+                                                checksums)
     except Exception as exc:  # every process must reach _finish, or the others wait forever
         failure = exc
-    _finish(src, out, tmp, dist, rank, failure, checksums, hashed)
+    _finish(src, out, tmp, dist, rank, failure, checksums, tag, hashed)
     return MegatronConvertResult(out, grower.large, 1, written, dtype)
 
 
 def _convert_torch_dist_serially(src: Path, out: Path, grower: Grower, layout: Layout, dtype: torch.dtype,
-                                 overwrite: bool, progress: bool, checksums: bool) -> MegatronConvertResult:
+                                 args: argparse.Namespace, tag: int | str, overwrite: bool, progress: bool,
+                                 checksums: bool) -> MegatronConvertResult:
     """A single process writes every rank in turn, holding two ranks' shards at a time (one growing, one
     being written)."""
     tmp = make_partial_dir(out, overwrite, src)
     failure, written, hashed = None, 0, {}
     try:
-        with tqdm(total=layout.world, desc="converting", unit="rank", disable=not progress) as bar:
-            written, hashed = save_grown_serially(grower, layout, legacy.iteration_dir(tmp, 0), dtype, bar,
-                                                      checksums)
+        with progress_bar(total=layout.world, desc="converting", unit="rank", enabled=progress) as bar:
+            written, hashed = save_grown_serially(grower, layout, legacy.iteration_dir(tmp, tag), dtype, args, bar,
+                                                  checksums)
     except Exception as exc:  # cleaned up below, whatever it was
         failure = exc
-    _finish(src, out, tmp, None, 0, failure, checksums, hashed)
+    _finish(src, out, tmp, None, 0, failure, checksums, tag, hashed)
     return MegatronConvertResult(out, grower.large, layout.world, written, dtype)
 
 
@@ -161,7 +181,7 @@ def _shared_tmp_dir(out: Path, overwrite: bool, src: Path, dist, rank: int) -> P
 
 
 def _finish(src: Path, out: Path, tmp: Path, dist, rank: int, failure: BaseException | None, checksums: bool,
-            hashed: dict[str, dict] | None = None) -> None:
+            tag: int | str, hashed: dict[str, dict] | None = None) -> None:
     """All processes agree on success; then rank 0 writes the tracker file (the completion marker), the
     checksum manifest is written (files not in ``hashed`` are hashed now, by every process, shared out),
     and rank 0 renames.
@@ -179,7 +199,7 @@ def _finish(src: Path, out: Path, tmp: Path, dist, rank: int, failure: BaseExcep
         if rank == 0:
             if src.is_dir():  # the tokenizer and its companions travel with the weights (export carries them on)
                 copy_companions(src, tmp)
-            (tmp / legacy.TRACKER).write_text("0\n")
+            (tmp / legacy.TRACKER).write_text(legacy.tracker_text(tag))
         if dist:
             if checksums:  # rank 0 lists the files, after its tracker; the others' files closed before all_reduce
                 write_manifests_together([tmp], [hashed or {}])

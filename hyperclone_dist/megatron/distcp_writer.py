@@ -3,7 +3,7 @@
 megatron's ``FileSystemWriterAsync`` writes each rank's ``__<rank>_<k>.distcp`` files in processes it
 forks for every save, through the page cache, and the checksum manifest then reads them all back. Here the
 same items go through PyTorch DCP's own item writer (so every saved chunk has the same bytes) into
-a DirectFile (checkpoint/direct_file.py): O_DIRECT, hashed as written. Used by one process playing every
+a DirectFile (checkpoint/direct_file.py): O_DIRECT, each byte hashed once as written. Used by one process playing every
 rank (torch_dist_serial.py) and by each process of a torchrun job (torch_dist.py); Megatron-LM's training
 saves keep megatron's own writers.
 """
@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hyperclone_dist.checkpoint.digests import ALGORITHM
 from hyperclone_dist.checkpoint.direct_file import DirectFile
-from hyperclone_dist.checkpoint.manifest import ALGORITHM, chunk_name
+from hyperclone_dist.checkpoint.manifest import chunk_name
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.megatron import internals
 

@@ -5,13 +5,19 @@ Why each is needed:
 - megatron-core's torch_dist save strategy writes through processes it forks, via the page cache; the
   converter writes the same bytes in-process (distcp_writer.py) by replacing the strategy's write step
   (``_get_save_and_finalize_callbacks``) and calling PyTorch DCP's ``_write_item`` itself;
+- megatron's writer clones every tensor that is a view into a larger storage (the SwiGLU ``linear_fc1``
+  halves its sharded-state factory cuts): the factories are applied first and such views aliased
+  (``without_view_copies``), so the bytes are written from the parameter's own memory;
 - megatron keeps its write results in a module-level queue (``filesystem_async._results_queue``), a
   multiprocessing Manager by default: replaced by an in-process queue, or by a Manager that dies with its
   owner (writer_queue.py);
 - one process playing every rank (torch_dist_serial.py) needs a process group whose collectives do nothing
   (PyTorch's test-only ``FakeStore``) and DCP's coordinator gather limited to its own plan (``_DistWrapper``);
 - DeepSpeed links its per-parameter optimizer-state views lazily (``_lazy_init_hp_params_optimizer_state``),
-  which grown optimizer state must trigger before the first step (train/moments.py).
+  which grown optimizer state must trigger before the first step (train/moments.py);
+- the checkpoint engine that reads with ``weights_only=True`` (train/checkpointing.py) is built, as DeepSpeed
+  builds its own, from the engine's parsed config (``DeepSpeedEngine._config``), so that it writes in the
+  serialization that config asks for (zip by default, which DeepSpeed's ``zero_to_fp32.py`` memory-maps).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import functools
 import queue
 from collections.abc import Callable
 from importlib import metadata
+
+import torch
 
 from hyperclone_dist.errors import HypercloneError
 
@@ -72,6 +80,32 @@ def save_strategy(make_request: Callable) -> object:
             return AsyncRequest(save, (), finalize)
 
     return Strategy()
+
+
+def without_view_copies(sharded_state_dict: dict) -> dict:
+    """The state with megatron's sharded-tensor factories applied (as its save applies them first) and
+    every tensor that is a contiguous view into a larger storage (the SwiGLU ``linear_fc1`` halves) replaced
+    by an alias of just its bytes: megatron's writer would clone such a view, since ``torch.save`` writes a
+    tensor's whole storage. The alias shares the memory, and ``torch.save`` writes the same bytes as for
+    the clone."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    apply_factories(sharded_state_dict)
+    for value in nested_values(sharded_state_dict):
+        if isinstance(value, ShardedTensor) and isinstance(value.data, torch.Tensor):
+            value.data = tight_alias(value.data)
+    return sharded_state_dict
+
+
+def tight_alias(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or, for a contiguous CPU view into a larger storage, the same memory as a tensor whose
+    storage is exactly its bytes (through numpy, which wraps a pointer and a length)."""
+    t = t.detach()
+    if (t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0
+            or t.untyped_storage().nbytes() == t.numel() * t.element_size()):
+        return t
+    return torch.from_numpy(t.reshape(-1).view(torch.uint8).numpy()).view(t.dtype).view(t.shape)
 
 
 def local_plan(strategy) -> object:
@@ -189,3 +223,12 @@ def relink_optimizer_state(engine) -> None:
         require_versions()
         optimizer._hp_optimizer_states_linked = False
         optimizer._lazy_init_hp_params_optimizer_state()
+
+
+# ---- DeepSpeed checkpoint engine ------------------------------------------------------------------------
+def deepspeed_config(engine) -> object:
+    """The engine's parsed ``DeepSpeedConfig`` (``engine.config`` is only the JSON it was given)."""
+    require_versions()
+    if not hasattr(engine, "_config"):
+        raise _missing("DeepSpeedEngine._config")
+    return engine._config

@@ -1,9 +1,12 @@
 """Megatron-LM's legacy checkpoint layout, fixed to one TP x PP layout:
 
-    DIR/latest_checkpointed_iteration.txt
+    DIR/latest_checkpointed_iteration.txt                              # "0", or "release"
     DIR/iter_0000000/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt   # {"model": ..., "args": ..., ...}
+    DIR/release/...                                                    # when the tracker says "release"
 
-With virtual pipeline stages the model chunks are stored as "model0", "model1", ...
+With virtual pipeline stages the model chunks are stored as "model0", "model1", ... A ``release``
+checkpoint is Megatron-LM's name for weights to start from: it loads one without optimizer or RNG state
+and without --no-load-optim / --no-load-rng. Our readers take either kind of tracker.
 """
 
 from __future__ import annotations
@@ -15,50 +18,55 @@ import torch
 
 from hyperclone_dist.checkpoint.torch_load import torch_load
 from hyperclone_dist.config import ModelConfig
+from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.layout import Layout
-from hyperclone_dist.megatron.model import rotary_kwargs
+from hyperclone_dist.megatron.lm_args import TokenizerRef, model_arguments
 
 CHECKPOINT_VERSION = 3.0
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
+RELEASE = "release"
 
 
-def iteration_dir(root: Path, iteration: int) -> Path:
-    return root / f"iter_{iteration:07d}"
+def iteration_dir(root: Path, iteration: int | str) -> Path:
+    """``iter_0000042`` for an iteration, ``release`` for Megatron-LM's release tag."""
+    return root / (RELEASE if iteration == RELEASE else f"iter_{iteration:07d}")
 
 
-def rank_dir(root: Path, iteration: int, layout: Layout, tp_rank: int, pp_rank: int) -> Path:
+def read_tracker(root: Path) -> int | str:
+    """The tracker's iteration, or ``"release"``."""
+    tracker = root / TRACKER
+    if not tracker.is_file():
+        raise HypercloneError(f"{root} is not a megatron checkpoint (no {TRACKER})")
+    text = tracker.read_text().strip()
+    if text == RELEASE:
+        return RELEASE
+    if not text.isdigit():
+        raise HypercloneError(f"{tracker} holds {text[:40]!r}, not an iteration number or {RELEASE!r}")
+    return int(text)
+
+
+def latest_dir(root: Path) -> Path:
+    """The directory the tracker points at."""
+    return iteration_dir(root, read_tracker(root))
+
+
+def tracker_text(iteration: int | str) -> str:
+    return f"{iteration}\n"
+
+
+def rank_dir(root: Path, iteration: int | str, layout: Layout, tp_rank: int, pp_rank: int) -> Path:
     name = f"mp_rank_{tp_rank:02d}" if layout.pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
     return iteration_dir(root, iteration) / name
 
 
-def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, iteration: int = 0) -> argparse.Namespace:
-    """The subset of Megatron-LM's arguments its loaders read back from a checkpoint, plus our own
-    ModelConfig under ``hyperclone_config`` so the checkpoint can be exported without guessing."""
-    rope = rotary_kwargs(cfg)
+def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, iteration: int = 0, *,
+                  fmt: str = "legacy", tokenizer: TokenizerRef | None = None) -> argparse.Namespace:
+    """The checkpoint's ``args``: Megatron-LM's own arguments for the model under the names its version
+    reads (megatron/lm_args.py), plus our ModelConfig under ``hyperclone_config``, which our readers use."""
     return argparse.Namespace(
-        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
-        num_attention_heads=cfg.num_heads, kv_channels=cfg.head_dim,
-        group_query_attention=cfg.num_kv_heads != cfg.num_heads, num_query_groups=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_position_embeddings, seq_length=cfg.max_position_embeddings,
-        padded_vocab_size=layout.padded_vocab(cfg.vocab_size),
-        vocab_size=cfg.vocab_size, make_vocab_size_divisible_by=layout.vocab_divisible_by,
-        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp,
-        decoder_first_pipeline_num_layers=layout.first_stage_layers,
-        decoder_last_pipeline_num_layers=layout.last_stage_layers,
-        normalization="RMSNorm" if cfg.norm == "rmsnorm" else "LayerNorm", norm_epsilon=cfg.norm_eps,
-        swiglu=cfg.gated_mlp and cfg.activation == "silu",
-        position_embedding_type="rope" if cfg.position_embedding == "rope" else "learned_absolute",
-        rotary_percent=cfg.rotary_percent, rotary_base=cfg.rotary_base,
-        use_rope_scaling=rope.get("rope_scaling", False), rope_scaling_factor=rope.get("rope_scaling_factor", 8.0),
-        rotary_seq_len_interpolation_factor=rope.get("seq_len_interpolation_factor"),
-        qk_layernorm=cfg.head_qk_norm,
-        untie_embeddings_and_output_weights=not cfg.tie_word_embeddings,
-        add_bias_linear=cfg.attn_out_bias or cfg.mlp_bias, add_qkv_bias=cfg.qkv_bias,
-        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        **model_arguments(cfg, layout, dtype, fmt, tokenizer),
         iteration=iteration, consumed_train_samples=0, consumed_valid_samples=0,
-        ckpt_format="torch", transformer_impl="local" if layout.spec == "local" else "transformer_engine",
         hyperclone_config=cfg.to_dict(),
     )
 

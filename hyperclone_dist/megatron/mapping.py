@@ -8,6 +8,7 @@ growth transforms — for exactly the rows/columns that rank owns: nobody builds
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -18,10 +19,22 @@ from hyperclone_dist.layout import Layout
 from hyperclone_dist.params import Rule, canonical_shapes, is_tied_copy, rule_for, stored_name
 
 SliceFn = Callable[[str, Sequence[slice]], torch.Tensor]
+SliceInto = Callable[[str, Sequence[slice], torch.Tensor], object]  # (name, index, out): fills ``out``
 
 COLUMN, ROW, VOCAB, REPLICATED = "column", "row", "vocab", "replicated"
 POSITIONS = "positions"  # replicated; megatron's table is rows [offset, offset + max_positions) of ours
 TP_AXIS = {COLUMN: 0, ROW: 1, VOCAB: 0, REPLICATED: None, POSITIONS: None}  # the local axis TP splits
+
+
+_LAST_SHAPES: list = [None, None]  # [a copy of the config last asked about, its canonical shapes]
+
+
+def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """``canonical_shapes``, computed once per model: it walks every layer (milliseconds for a deep model)
+    and a rank asks for it several times per parameter. Read-only."""
+    if _LAST_SHAPES[0] != cfg:
+        _LAST_SHAPES[:] = [copy.deepcopy(cfg), canonical_shapes(cfg)]
+    return _LAST_SHAPES[1]
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,13 @@ TE_RENAMES = {
 }
 
 
+def spec_of(names) -> str:
+    """The layer spec whose parameter names a state dict has: TransformerEngine's fuse the norms into the
+    following linear layer (``TE_RENAMES``)."""
+    te_names = tuple(TE_RENAMES.values())
+    return "te" if any(name.endswith(te_names) for name in names) else "local"
+
+
 def chunk_layers(num_layers: int, layout: Layout, pp_rank: int, chunk: int) -> list[int]:
     """Global layer indices of model chunk ``chunk`` on pipeline rank ``pp_rank`` (megatron's
     interleaved assignment: chunk v of rank p holds the (v * pp + p)-th block of layers; uneven stages:
@@ -88,7 +108,7 @@ def chunk_layers(num_layers: int, layout: Layout, pp_rank: int, chunk: int) -> l
 def chunk_params(cfg: ModelConfig, layout: Layout, pp_rank: int,
                  chunk: int) -> list[tuple[str, MegatronParam, int | None]]:
     """``(local_name, row, global_layer)`` for every parameter of one model chunk, in module order."""
-    existing = canonical_shapes(cfg)
+    existing = _shapes(cfg)
     first_stage = pp_rank == 0 and chunk == 0
     last_stage = pp_rank == layout.pp - 1 and chunk == layout.chunks - 1
     out: list[tuple[str, MegatronParam, int | None]] = []
@@ -149,7 +169,7 @@ def _row_holding(canonical: str) -> MegatronParam:
 
 
 def local_shape(cfg: ModelConfig, layout: Layout, row: MegatronParam, layer: int | None) -> tuple[int, ...]:
-    shapes = canonical_shapes(cfg)
+    shapes = _shapes(cfg)
     parts = [shapes[p.format(i=layer)] for p in row.parts]
     rows = sum(s[0] for s in parts)
     shape = [rows, *parts[0][1:]]
@@ -167,7 +187,7 @@ def local_tensor(cfg: ModelConfig, layout: Layout, row: MegatronParam, layer: in
                  slice_fn: SliceFn) -> torch.Tensor:
     """This TP rank's local tensor for ``row`` (megatron's layout), built from canonical slices only."""
     parts = [p.format(i=layer) for p in row.parts]
-    shapes = canonical_shapes(cfg)
+    shapes = _shapes(cfg)
     first = shapes[parts[0]]
     rest = [slice(None)] * (len(first) - 1)
     tp = layout.tp
@@ -191,6 +211,81 @@ def local_tensor(cfg: ModelConfig, layout: Layout, row: MegatronParam, layer: in
         return _qkv_local(cfg, parts, tp, tp_rank, slice_fn, rest)
     blocks = [shapes[p][0] // tp for p in parts]  # glu: [gate_r; up_r]; plain column: [w_r]
     return torch.cat([slice_fn(p, [slice(tp_rank * b, (tp_rank + 1) * b), *rest]) for p, b in zip(parts, blocks)])
+
+
+def copying_into(slice_fn: SliceFn) -> SliceInto:
+    """A ``SliceInto`` for a ``slice_fn`` that only returns new tensors."""
+    return lambda name, index, out: out.copy_(slice_fn(name, index))
+
+
+def fill_local(cfg: ModelConfig, layout: Layout, row: MegatronParam, layer: int | None, tp_rank: int,
+               slice_into: SliceInto, out: torch.Tensor) -> None:
+    """``local_tensor``'s values written straight into ``out`` (the rank's parameter, of ``local_shape``):
+    each canonical slice is grown into the rows it occupies, padded vocab rows zeroed in place; nothing is
+    concatenated or copied afterwards."""
+    parts = [p.format(i=layer) for p in row.parts]
+    first = _shapes(cfg)[parts[0]]
+    rest = [slice(None)] * (len(first) - 1)
+    if row.split in (REPLICATED, POSITIONS, ROW):
+        slice_into(parts[0], local_index(cfg, layout, row, layer, tp_rank), out)
+    elif row.split == VOCAB:
+        rows = out.shape[0]
+        real = max(0, min(rows, cfg.vocab_size - tp_rank * rows))
+        if real:
+            slice_into(parts[0], [slice(tp_rank * rows, tp_rank * rows + real), *rest], out[:real])
+        out[real:].zero_()  # padded rows: never looked up
+    else:
+        pieces, at = [], 0
+        for part, lo, hi in column_pieces(cfg, layout, row, layer, tp_rank):
+            pieces.append((parts.index(part), part, lo, hi, at))
+            at += hi - lo
+        if at != out.shape[0]:
+            raise ValueError(f"{row.name}: {at} rows filled of {out.shape[0]}")
+        for _, part, lo, hi, at in sorted(pieces, key=lambda piece: piece[0]):  # each part's pieces in a row
+            slice_into(part, [slice(lo, hi), *rest], out[at:at + hi - lo])
+
+
+def local_index(cfg: ModelConfig, layout: Layout, row: MegatronParam, layer: int | None,
+                tp_rank: int) -> list[slice]:
+    """The canonical index of a replicated, positions or row-parallel parameter's local tensor."""
+    first = _shapes(cfg)[row.parts[0].format(i=layer)]
+    rest = [slice(None)] * (len(first) - 1)
+    if row.split == POSITIONS:  # OPT reads row p + offset for position p; megatron reads row p
+        return [slice(cfg.position_offset, cfg.position_offset + cfg.max_position_embeddings), *rest]
+    if row.split == ROW:
+        cols = first[1] // layout.tp
+        return [slice(None), slice(tp_rank * cols, (tp_rank + 1) * cols)]
+    return [slice(None)] * len(first)
+
+
+def column_pieces(cfg: ModelConfig, layout: Layout, row: MegatronParam, layer: int | None,
+                  tp_rank: int) -> list[tuple[str, int, int]]:
+    """A column-parallel local tensor as (canonical part, first row, end row) pieces in its row order:
+    the fused QKV group by group, [q heads; k; v] each, the gated fc1 as [gate_r; up_r]."""
+    parts = [p.format(i=layer) for p in row.parts]
+    shapes = _shapes(cfg)
+    tp = layout.tp
+    if row.fuse != "qkv":
+        blocks = [shapes[p][0] // tp for p in parts]
+        return [(p, tp_rank * b, (tp_rank + 1) * b) for p, b in zip(parts, blocks)]
+    q_per_group, d = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    if cfg.num_kv_heads < tp:  # a rank's contiguous 1/tp of its group's [q heads; k; v]
+        ranks_per_group = tp // cfg.num_kv_heads
+        group, piece = divmod(tp_rank, ranks_per_group)
+        rows = (q_per_group + 2) * d // ranks_per_group
+        lo, hi = piece * rows, (piece + 1) * rows
+        out, start = [], 0
+        for part, first, size in ((parts[0], group * q_per_group * d, q_per_group * d), (parts[1], group * d, d),
+                                  (parts[2], group * d, d)):
+            a, b = max(lo, start), min(hi, start + size)
+            if a < b:
+                out.append((part, first + a - start, first + b - start))
+            start += size
+        return out
+    groups = cfg.num_kv_heads // tp
+    g0 = tp_rank * groups
+    per_group = [(parts[0], q_per_group * d), (parts[1], d), (parts[2], d)]
+    return [(part, (g0 + g) * size, (g0 + g + 1) * size) for g in range(groups) for part, size in per_group]
 
 
 def _qkv_local(cfg: ModelConfig, parts, tp: int, tp_rank: int, slice_fn: SliceFn, rest) -> torch.Tensor:

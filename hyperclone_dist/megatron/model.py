@@ -112,9 +112,9 @@ def check_representable(cfg: ModelConfig) -> None:
                "GPTModel layer")
     if cfg.projection_qk_norm:
         refuse("q/k norms over the whole projection (OLMo-2); megatron's qk_layernorm normalizes each head")
-    _bias_flags(cfg)
+    bias_flags(cfg)
     rotary_kwargs(cfg)
-    _sliding_window(cfg)
+    sliding_window(cfg)
 
 
 # megatron-core's RotaryEmbedding applies Llama 3.x scaling with these constants fixed
@@ -146,7 +146,7 @@ def rotary_kwargs(cfg: ModelConfig) -> dict[str, Any]:
                           f"{rope_type!r} (megatron-core applies default, linear and llama3)")
 
 
-def _bias_flags(cfg: ModelConfig) -> tuple[bool, bool]:
+def bias_flags(cfg: ModelConfig) -> tuple[bool, bool]:
     """(add_bias_linear, add_qkv_bias) reproducing cfg's biases exactly."""
     if cfg.qkv_bias and cfg.attn_out_bias and cfg.mlp_bias:
         return True, False
@@ -157,7 +157,7 @@ def _bias_flags(cfg: ModelConfig) -> tuple[bool, bool]:
         f"attn_out={cfg.attn_out_bias} mlp={cfg.mlp_bias}; megatron biases all linears, none, or QKV only")
 
 
-def _sliding_window(cfg: ModelConfig) -> tuple[int, int] | None:
+def sliding_window(cfg: ModelConfig) -> tuple[int, int] | None:
     window = cfg.hf_extra.get("sliding_window")
     if window is None or cfg.hf_extra.get("use_sliding_window") is False:
         return None
@@ -184,7 +184,7 @@ def transformer_config(cfg: ModelConfig, layout: Layout = Layout(), dtype: torch
 
     check_representable(cfg)
     layout.validate(cfg)
-    add_bias_linear, add_qkv_bias = _bias_flags(cfg)
+    add_bias_linear, add_qkv_bias = bias_flags(cfg)
     values: dict[str, Any] = dict(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -200,7 +200,7 @@ def transformer_config(cfg: ModelConfig, layout: Layout = Layout(), dtype: torch
         add_qkv_bias=add_qkv_bias,
         qk_layernorm=cfg.head_qk_norm,  # megatron normalizes each head's q and k, as Qwen3 and Gemma 3 do
         rotary_interleaved=False,  # rotate-half, the HF convention
-        window_size=_sliding_window(cfg),
+        window_size=sliding_window(cfg),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=cfg.init_std,

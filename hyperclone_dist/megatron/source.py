@@ -8,7 +8,6 @@ that slice is read). Nothing holds the whole model.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from hyperclone_dist.checkpoint.source import Source
 from hyperclone_dist.config import ModelConfig
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.megatron import legacy, torch_dist
-from hyperclone_dist.megatron.load import LegacyCheckpoint, read_iteration
+from hyperclone_dist.megatron.load import LegacyCheckpoint
 from hyperclone_dist.megatron.mapping import (
     POSITIONS,
     TP_AXIS,
@@ -122,7 +121,7 @@ class TorchDistSource(MegatronSource):
     """A torch_dist checkpoint, read as one TP1 x PP1 view, one layer's slice of a tensor at a time."""
 
     def __init__(self, root: Path, key_prefix: str = ""):
-        self._it_dir = legacy.iteration_dir(root, read_iteration(root))
+        self._it_dir = legacy.latest_dir(root)
         args = torch_dist.read_args(self._it_dir)
         self.config = ModelConfig.from_dict(args.hyperclone_config)
         self.layout = Layout()
@@ -141,8 +140,7 @@ class TorchDistSource(MegatronSource):
             shape.insert(0, 1)
         buffer = torch.empty(shape, dtype=torch.float32)
         offsets = [0] * len(shape) if layer is None else [layer] + [0] * (len(shape) - 1)
-        with warnings.catch_warnings(), torch_dist.damage_reported(self._it_dir):
-            warnings.simplefilter("ignore")  # DCP warns that no_dist (one reader, no process group) is meant
+        with torch_dist.damage_reported(self._it_dir):  # DCP's no_dist warning: quiet_imports.py
             load({key: buffer}, storage_reader=FileSystemReader(str(self._it_dir)),
                  planner=_SlicePlanner(key, offsets, shape), no_dist=True)
         return [buffer[0] if layer is not None else buffer]
@@ -152,7 +150,7 @@ def open_megatron_source(root: str | Path, key_prefix: str = "") -> MegatronSour
     """``key_prefix`` reads tensors saved under prefixed keys beside the model (the optimizer's moments,
     train/moments.py), shaped and sharded like the parameters: torch_dist checkpoints only."""
     root = Path(root)
-    it_dir = legacy.iteration_dir(root, read_iteration(root))
+    it_dir = legacy.latest_dir(root)
     if (it_dir / "metadata.json").is_file():
         return TorchDistSource(root, key_prefix)
     return LegacySource(root, key_prefix)

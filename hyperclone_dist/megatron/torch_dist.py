@@ -24,6 +24,7 @@ from hyperclone_dist.growth.grow import Grower
 from hyperclone_dist.layout import Layout
 from hyperclone_dist.megatron import internals, legacy
 from hyperclone_dist.megatron.distcp_writer import DirectWrite, manifest_entries
+from hyperclone_dist.megatron.lm_config import model_config_from_megatron_args
 from hyperclone_dist.megatron.model import build_gpt_model, load_chunk_weights
 from hyperclone_dist.megatron.weights import fill_chunks
 
@@ -61,15 +62,16 @@ def model_state_keys(chunks: list) -> list[str]:
     return ["model"] if len(chunks) == 1 else [f"model{k}" for k in range(len(chunks))]
 
 
-def model_state(chunks: list, grower: Grower, layout: Layout, dtype: torch.dtype) -> dict:
-    """What Megatron-LM saves: the sharded model chunks plus args, iteration and checkpoint version."""
-    state = {key: chunk.sharded_state_dict() for key, chunk in zip(model_state_keys(chunks), chunks)}
-    state.update(args=legacy.megatron_args(grower.large, layout, dtype), iteration=0,
-                 checkpoint_version=legacy.CHECKPOINT_VERSION)
+def model_state(chunks: list, args: argparse.Namespace) -> dict:
+    """What Megatron-LM saves: the sharded model chunks plus args, iteration and checkpoint version. Views
+    megatron would clone before writing are aliased instead (``internals.without_view_copies``)."""
+    state = {key: internals.without_view_copies(chunk.sharded_state_dict())
+             for key, chunk in zip(model_state_keys(chunks), chunks)}
+    state.update(args=args, iteration=args.iteration, checkpoint_version=legacy.CHECKPOINT_VERSION)
     return state
 
 
-def save_grown(grower: Grower, layout: Layout, iteration_dir: Path, dtype: torch.dtype,
+def save_grown(grower: Grower, layout: Layout, iteration_dir: Path, dtype: torch.dtype, args: argparse.Namespace,
                checksums: bool = True) -> tuple[int, dict[str, dict]]:
     """Collective over the job: every process holds one model-parallel rank (initialised by
     ``init_model_parallel``). Returns the bytes of this rank's shard and the manifest entries of the files
@@ -80,11 +82,11 @@ def save_grown(grower: Grower, layout: Layout, iteration_dir: Path, dtype: torch
     chunks = build_gpt_model(grower.large, layout, dtype=dtype, perform_initialization=False)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    fill_chunks(chunks, grower.large, layout, tp_rank, pp_rank, grower.slice)
+    fill_chunks(chunks, grower.large, layout, tp_rank, pp_rank, grower.slice, grower.slice_into)
     iteration_dir.mkdir(parents=True, exist_ok=True)
     writer = DirectWrite(checksums)
     with internals.in_process_results_queue():  # no multiprocessing Manager: nothing is written elsewhere
-        dist_checkpointing.save(model_state(chunks, grower, layout, dtype), str(iteration_dir),
+        dist_checkpointing.save(model_state(chunks, args), str(iteration_dir),
                                 sharded_strategy=writer.strategy)
     if writer.failure is not None:  # every rank finished the collective save; the caller agrees on failure
         raise writer.failure
@@ -97,6 +99,8 @@ def save_grown(grower: Grower, layout: Layout, iteration_dir: Path, dtype: torch
 
 
 def read_args(iteration_dir: Path) -> argparse.Namespace:
+    """The checkpoint's Megatron-LM args, with our model description in ``hyperclone_config``: the one we
+    wrote, or, in a checkpoint Megatron-LM wrote, the one its model arguments describe (lm_config.py)."""
     from megatron.core import dist_checkpointing
 
     if not (iteration_dir / "metadata.json").is_file():
@@ -107,7 +111,7 @@ def read_args(iteration_dir: Path) -> argparse.Namespace:
         common = dist_checkpointing.load_common_state_dict(str(iteration_dir))
     args = common.get("args") if isinstance(common, dict) else None
     if not isinstance(getattr(args, "hyperclone_config", None), dict):
-        raise HypercloneError(f"{iteration_dir}: no model description in args.hyperclone_config")
+        args.hyperclone_config = model_config_from_megatron_args(args, iteration_dir.parent).to_dict()
     return args
 
 

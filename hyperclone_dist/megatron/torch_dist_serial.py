@@ -14,6 +14,7 @@ megatron forks for each save: at most two ranks' shards are in memory at once, a
 
 from __future__ import annotations
 
+import argparse
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def _become_rank(rank: int, layout: Layout) -> None:
 
 
 def save_grown_serially(grower: Grower, layout: Layout, iteration_dir: Path, dtype: torch.dtype,
-                        progress=None, checksums: bool = True) -> tuple[int, dict[str, dict]]:
+                        args: argparse.Namespace, progress=None, checksums: bool = True) -> tuple[int, dict[str, dict]]:
     """Write the whole torch_dist checkpoint from this process, rank by rank. Returns the bytes of the
     parameters written and the checksum manifest's entries of the ``.distcp`` files (paths relative to
     the checkpoint directory, the parent of ``iteration_dir``), hashed as they were written ({} without
@@ -128,8 +129,8 @@ def save_grown_serially(grower: Grower, layout: Layout, iteration_dir: Path, dty
                     chunks = build_gpt_model(grower.large, layout, dtype=dtype, perform_initialization=False)
                     memory.lend(chunks)
                     fill_chunks(chunks, grower.large, layout, parallel_state.get_tensor_model_parallel_rank(),
-                                parallel_state.get_pipeline_model_parallel_rank(), grower.slice)
-                    dist_checkpointing.save(model_state(chunks, grower, layout, dtype), str(iteration_dir),
+                                parallel_state.get_pipeline_model_parallel_rank(), grower.slice, grower.slice_into)
+                    dist_checkpointing.save(model_state(chunks, args), str(iteration_dir),
                                             sharded_strategy=recording.strategy, validate_access_integrity=False)
                     plan, buckets, transforms = recording.take_pending()
                     written += sum(p.numel() * p.element_size() for p in _parameters(chunks))

@@ -15,7 +15,7 @@ from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.hf_model import load_hf_model
 from hyperclone_dist.layout import Layout
 from hyperclone_dist.megatron import legacy, torch_dist
-from hyperclone_dist.megatron.load import LegacyCheckpoint, read_iteration
+from hyperclone_dist.megatron.load import LegacyCheckpoint
 from hyperclone_dist.megatron.model import build_gpt_model, forward_logits, load_chunk_weights
 from hyperclone_dist.megatron.parallel import agreed, init_distributed, init_model_parallel
 from hyperclone_dist.verify import LogitDiff, combine, window_tokens, windows
@@ -41,7 +41,7 @@ def load_into_gpt_model(ckpt: LegacyCheckpoint, layout: Layout) -> list:
 def _read_checkpoint(root: Path, layout: Layout) -> tuple[Path, LegacyCheckpoint | None, ModelConfig]:
     """The iteration directory, the legacy reader (None for torch_dist) and the model of ``root``, once
     ``layout`` is known to fit it on this job."""
-    it_dir = legacy.iteration_dir(root, read_iteration(root))
+    it_dir = legacy.latest_dir(root)
     if (it_dir / "metadata.json").is_file():
         ckpt, cfg = None, ModelConfig.from_dict(torch_dist.read_args(it_dir).hyperclone_config)
     else:

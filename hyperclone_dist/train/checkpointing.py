@@ -27,7 +27,7 @@ from hyperclone_dist.checkpoint.manifest import write_manifests_together
 from hyperclone_dist.checkpoint.torch_load import torch_load
 from hyperclone_dist.checkpoint.training_state import DS_TAG_FILE, STATE_FILE
 from hyperclone_dist.errors import HypercloneError
-from hyperclone_dist.megatron import legacy
+from hyperclone_dist.megatron import internals, legacy
 from hyperclone_dist.megatron.load import read_iteration
 from hyperclone_dist.megatron.model import load_chunk_weights
 from hyperclone_dist.megatron.torch_dist import model_state_keys, safe_common_load
@@ -52,7 +52,9 @@ def use_safe_loader(engine) -> None:
             with torch.serialization.safe_globals(_deepspeed_safe_globals()):
                 return torch_load(Path(path), mmap=False)
 
-    engine.checkpoint_engine = SafeTorchCheckpointEngine(config_params=None)
+    # built from the engine's config, as DeepSpeed builds its own: saves keep its serialization (zip by default),
+    # which DeepSpeed's zero_to_fp32.py needs (it memory-maps the optimizer files)
+    engine.checkpoint_engine = SafeTorchCheckpointEngine(config_params=internals.deepspeed_config(engine))
 
 
 def _deepspeed_safe_globals() -> list:
@@ -148,7 +150,7 @@ def load_model_only(chunks: list, load_dir: str | Path) -> int:
 
     root = Path(load_dir)
     iteration = read_iteration(root)
-    it_dir = legacy.iteration_dir(root, iteration)
+    it_dir = legacy.latest_dir(root)
     state = {key: chunk.sharded_state_dict() for key, chunk in zip(model_state_keys(chunks), chunks)}
     with safe_common_load():
         loaded = dist_checkpointing.load(state, str(it_dir))

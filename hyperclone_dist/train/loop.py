@@ -21,7 +21,8 @@ from hyperclone_dist.data.loader import DataConfig, build_datasets, parse_blend
 from hyperclone_dist.data.tokenizer import HUGGINGFACE, tokenizer_info
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.megatron import legacy, torch_dist
-from hyperclone_dist.megatron.load import is_megatron_checkpoint, read_iteration
+from hyperclone_dist.megatron.lm_args import hf_tokenizer_at, tokenizer_ref
+from hyperclone_dist.megatron.load import is_megatron_checkpoint
 from hyperclone_dist.megatron.model import build_gpt_model
 from hyperclone_dist.megatron.parallel import agreed, init_distributed, init_model_parallel
 from hyperclone_dist.megatron.weights import fill_chunks
@@ -128,7 +129,7 @@ class Run:
 
     def _checkpoint_padded_vocab(self) -> int:
         root = Path(self.config.start.load)
-        padded = int(torch_dist.read_args(legacy.iteration_dir(root, read_iteration(root))).padded_vocab_size)
+        padded = int(torch_dist.read_args(legacy.latest_dir(root)).padded_vocab_size)
         if padded % self.layout.tp:
             raise HypercloneError(f"--load {root}: its padded vocabulary ({padded}) is not divisible by "
                                   f"tp={self.layout.tp}")
@@ -166,7 +167,7 @@ class Run:
         if not has_moments(root):
             self.description += "; fresh Adam moments (the checkpoint has none: pretrain.py --save-moments keeps them)"
             return
-        saved = torch_dist.read_args(legacy.iteration_dir(root, read_iteration(root)))
+        saved = torch_dist.read_args(legacy.latest_dir(root))
         step = int(getattr(saved, "hyperclone_optimizer_step", 0))
         grow_moments_into(self.engine, self.chunks, root, self.config.start.growth, self.layout, self.tp_rank,
                           self.pp_rank, step)
@@ -192,10 +193,13 @@ class Run:
 
     def save(self) -> None:
         dtype = torch.bfloat16 if self.config.engine.bf16 else torch.float32
-        args = legacy.megatron_args(self.start.config, self.layout, dtype, self.step)
+        checkpoint = self.config.checkpoint
+        tokenizer = (hf_tokenizer_at(checkpoint.save) if self.hf_tokenizer  # copied beside the checkpoints
+                     else tokenizer_ref(self.data_description["tokenizer"]))
+        args = legacy.megatron_args(self.start.config, self.layout, dtype, self.step, fmt="torch_dist",
+                                    tokenizer=tokenizer)
         args.padded_vocab_size = self.padded_vocab
         args.consumed_train_samples = self.step * self.plan.batches.global_batch_size
-        checkpoint = self.config.checkpoint
         path = save_checkpoint(self.engine, self.chunks, checkpoint.save, self.step, self.trainer_state(), args,
                                rng={"torch": torch.get_rng_state()}, moments=checkpoint.save_moments,
                                checksums=checkpoint.checksums, tokenizer=self.hf_tokenizer)

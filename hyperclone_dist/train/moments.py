@@ -27,7 +27,6 @@ from hyperclone_dist.growth.grow import Grower
 from hyperclone_dist.growth.spec import GrowthSpec
 from hyperclone_dist.layout import Layout
 from hyperclone_dist.megatron import internals, legacy
-from hyperclone_dist.megatron.load import read_iteration
 from hyperclone_dist.megatron.mapping import chunk_params, local_tensor
 from hyperclone_dist.megatron.source import TorchDistSource
 from hyperclone_dist.params import rule_for
@@ -71,7 +70,7 @@ def optimizer_step_count(engine) -> int:
 
 def has_moments(root: Path) -> bool:
     try:
-        it_dir = legacy.iteration_dir(root, read_iteration(root))
+        it_dir = legacy.latest_dir(root)
     except HypercloneError:
         return False
     if not (it_dir / ".metadata").is_file():  # not torch_dist: a legacy checkpoint holds the model only

@@ -15,7 +15,7 @@ from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.growth.grow import Grower
 from hyperclone_dist.growth.spec import GrowthSpec
 from hyperclone_dist.megatron import legacy, torch_dist
-from hyperclone_dist.megatron.load import is_megatron_checkpoint, read_iteration
+from hyperclone_dist.megatron.load import is_megatron_checkpoint
 from hyperclone_dist.megatron.mapping import SliceFn
 from hyperclone_dist.megatron.model import check_representable
 from hyperclone_dist.sources import model_config_at, open_source
@@ -65,7 +65,7 @@ def checkpoint_config(root: Path) -> ModelConfig:
     """The model description stored in a megatron checkpoint (converted or written by --save)."""
     if not root.is_dir():
         raise HypercloneError(f"--load {root}: no such checkpoint directory")
-    it_dir = legacy.iteration_dir(root, read_iteration(root))
+    it_dir = legacy.latest_dir(root)
     if not (it_dir / "metadata.json").is_file():
         raise HypercloneError(f"--load {root}: {it_dir.name} is not a torch_dist checkpoint (convert with "
                               "--format torch_dist, which loads at any layout)")

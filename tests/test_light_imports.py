@@ -1,0 +1,43 @@
+"""A conversion imports megatron-core without TorchDynamo/Inductor and wandb, and what it defers still works."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from hyperclone_dist.megatron.light_imports import deferred_compile
+
+
+def test_deferred_compile_compiles_at_the_first_call_only():
+    compiled = []
+
+    def real_compile(fn, **options):
+        compiled.append(options)
+        return lambda *args: fn(*args) + 1
+
+    @deferred_compile(real_compile)
+    def double(x):
+        return 2 * x
+
+    later = deferred_compile(real_compile)(mode="max-autotune")(lambda x: x)
+    assert compiled == [] and double.__name__ == "double"
+    assert double(3) == 7 and double(4) == 9 and compiled == [{}]
+    assert later(1) == 2 and compiled == [{}, {"mode": "max-autotune"}]
+
+
+def test_conversion_imports_leave_out_the_compiler_and_wandb():
+    code = ("import sys, torch\n"
+            "from hyperclone_dist.megatron.light_imports import import_megatron_core\n"
+            "real = torch.compile\n"
+            "import_megatron_core()\n"
+            "from megatron.core.models.gpt import GPTModel\n"
+            "from megatron.core.jit import jit_fuser\n"
+            "print(torch.compile is real, jit_fuser is not real, 'megatron.core' in sys.modules,\n"
+            "      [m for m in ('torch._dynamo', 'torch._inductor', 'wandb') if m in sys.modules])\n"
+            "import importlib.util\n"
+            "print(importlib.util.find_spec('wandb') is None or __import__('wandb') is not None)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:2] == ["True True True []", "True"], proc.stdout
