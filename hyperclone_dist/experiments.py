@@ -43,7 +43,7 @@ def steps_to_reach(curve: Curve, target: float) -> int | None:
 
 
 def plot_curves(curves: list[Curve], out: str | Path, title: str, ylabel: str = "validation loss",
-                hline: tuple[float, str] | None = None) -> Path:
+                hline: tuple[float, str] | None = None, ylim: tuple[float, float] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,6 +54,8 @@ def plot_curves(curves: list[Curve], out: str | Path, title: str, ylabel: str = 
         ax.plot(curve.steps, curve.losses, marker="o", markersize=2.5, linewidth=1.5, label=curve.label)
     if hline:
         ax.axhline(hline[0], color="grey", linestyle="--", linewidth=1, label=hline[1])
+    if ylim:
+        ax.set_ylim(*ylim)  # e.g. leave out a random init's first steps, which dwarf the differences
     ax.set_xlabel("training step of the large model")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -109,3 +109,30 @@ def test_gpu_recipe_pipeline_runs_on_cpu(tmp_path):
     assert abs(float(rows["noisy grown-adam mup"][1]) - small_final) < 0.02
     assert float(rows["random"][1]) > small_final + 0.1
     assert (tmp_path / "run" / "loss_curves.png").stat().st_size > 10_000
+
+
+def test_long_budget_smoke(tmp_path):
+    """The long-budget study end to end with a tiny corpus and a few steps: corpus, a small model saved with
+    its moments, random, a grown-Adam clone and its control, the budget scan, the report and its figures."""
+    results = tmp_path / "results.md"
+    results.write_text("# Results\n\n## Other section\n\nkept\n")
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "recipes/long_budget/run.py", "--smoke", "--out", str(tmp_path / "run"),
+                           "--results", str(results), "--figures", str(tmp_path / "figures")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = results.read_text()
+    assert "## Other section\n\nkept" in text and "## Long budgets: does growing pay?" in text
+    assert "Floor met" in text or "Floor not met" in text
+    decisive = text.split("large budget 20 steps")[1].split("###")[0]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in decisive.splitlines()
+            if line.startswith("| ") and not line.startswith("| arm")}
+    assert set(rows) == {"random", "noisy grown-adam fast", "small-continued grown-adam fast"}
+    assert rows["random"][1] == "1" and rows["noisy grown-adam fast"][5] != "—"  # one seed, paired with its control
+    small_final = json.loads((tmp_path / "run/small-10/metrics.jsonl").read_text().splitlines()[-1])["valid/loss"]
+    # the clone starts at the small model's loss (function preserved), the random init far above it
+    assert abs(float(rows["noisy grown-adam fast"][2].split(" ")[0]) - small_final) < 0.02
+    assert float(rows["random"][2].split(" ")[0]) > small_final + 0.5
+    assert "large budget 10 steps" in text  # the scan's shorter budget
+    for name in ("long_budget", "long_budget_handoff", "long_budget_scan"):
+        assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 10_000
