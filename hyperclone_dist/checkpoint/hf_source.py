@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from hyperclone_dist.checkpoint.safetensors_pread import DTYPES, SafetensorsData
 from hyperclone_dist.checkpoint.source import Source, check_floating, check_shape
 from hyperclone_dist.checkpoint.torch_load import first_line, torch_load
 from hyperclone_dist.errors import HypercloneError
@@ -23,7 +24,7 @@ from hyperclone_dist.hf_fusion import hf_shape, split_hf
 from hyperclone_dist.jsonfile import read_json_object
 from hyperclone_dist.params import canonical_shapes, is_tied_copy, stored_name, stored_shapes
 
-SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+SAFETENSORS_DTYPES = DTYPES  # the floating dtypes a source may hold
 _FLOATING = {*SAFETENSORS_DTYPES, *(str(d).removeprefix("torch.") for d in SAFETENSORS_DTYPES.values())}
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -52,6 +53,7 @@ class HFSource(Source):
         self.config = config_from_hf(self.hf_config)
         self.family = FAMILIES[self.config.family]
         self._handles: dict[Path, object] = {}
+        self._data_readers: dict[Path, SafetensorsData] = {}
         self._cache: dict[str, torch.Tensor] = {}  # parts of the last fused HF tensor read
         self._where: dict[str, tuple[str, Path, str, tuple[str, ...]]] = {}  # canonical -> (hf name, file, ...)
         for hf_name, file in self._weight_files().items():
@@ -98,8 +100,18 @@ class HFSource(Source):
                 self._handles[file] = state
         return self._handles[file]
 
+    def _data(self, file: Path) -> SafetensorsData:
+        """The fast reader of a safetensors file, once ``safe_open`` has checked it."""
+        self._handle(file)
+        if file not in self._data_readers:
+            self._data_readers[file] = SafetensorsData(file)
+        return self._data_readers[file]
+
     def _read(self, hf_name: str, file: Path) -> torch.Tensor:
         handle = self._handle(file)
+        fast = self._data(file).read(hf_name) if file.suffix == ".safetensors" else None
+        if fast is not None:
+            return fast
         try:
             tensor = handle.get_tensor(hf_name) if file.suffix == ".safetensors" else handle[hf_name]
         except (SafetensorError, KeyError, OSError, RuntimeError) as exc:
@@ -161,6 +173,9 @@ class HFSource(Source):
         hf_name, file, template, parts = self._where.get(name, (None, None, None, ()))
         if len(parts) != 1 or template in self.family.transposed or file.suffix != ".safetensors":
             return self.get(name)[lo:hi]
+        fast = self._data(file).read(hf_name, (lo, hi))
+        if fast is not None:
+            return fast
         try:
             return self._handle(file).get_slice(hf_name)[lo:hi]
         except (SafetensorError, OSError, RuntimeError) as exc:
