@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,3 +84,13 @@ def write_section(doc: str | Path, heading: str, body: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(before.rstrip() + "\n\n" + body.rstrip() + "\n" + after)
     return path
+
+
+def run_pretrain(flags: list, env: dict, log: Path, recipe: str, repo: Path) -> None:
+    """``launch/pretrain.py --no-progress FLAGS`` in ``repo``, its output in ``log``; a failure ends the recipe
+    naming the command and the log."""
+    cmd = [sys.executable, "launch/pretrain.py", "--no-progress", *map(str, flags)]
+    with open(log, "w") as out:
+        proc = subprocess.run(cmd, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise SystemExit(f"{recipe}: {' '.join(cmd)} failed (exit {proc.returncode}); see {log}")

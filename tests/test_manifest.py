@@ -140,13 +140,19 @@ def test_flipped_byte_in_safetensors_shard(converted, tmp_path, capsys):
     assert_names_only(lines, shard, name)
 
 
+def flip_largest_tensor(rank_file: Path) -> str:
+    """Flip a byte inside the largest tensor of a legacy rank file; returns that tensor's name."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        model = torch.load(rank_file, weights_only=True)["model"]
+    key = max(model, key=lambda k: model[k].numel() if isinstance(model[k], torch.Tensor) else 0)
+    flip_inside(rank_file, tensor_bytes(model[key]))
+    return key
+
+
 def test_flipped_byte_in_legacy_rank_file(converted, tmp_path, capsys):
     out = copy_of(converted["legacy"], tmp_path)
     rel = "iter_0000000/mp_rank_01_001/model_optim_rng.pt"
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        model = torch.load(out / rel, weights_only=True)["model"]
-    key = max(model, key=lambda k: model[k].numel() if isinstance(model[k], torch.Tensor) else 0)
-    flip_inside(out / rel, tensor_bytes(model[key]))
+    key = flip_largest_tensor(out / rel)
     code, lines = check(out, capsys)
     assert code == 1
     assert_names_only(lines, rel, f"model.{key}")
@@ -190,10 +196,7 @@ def test_version_1_manifest_still_verifies_and_names_the_tensor(converted, tmp_p
     code, lines = check(out, capsys)
     assert code == 0 and len(lines) == 1 and OK_LINE.fullmatch(lines[0]), lines
     rel = "iter_0000000/mp_rank_00_000/model_optim_rng.pt"
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        model = torch.load(out / rel, weights_only=True)["model"]
-    key = max(model, key=lambda k: model[k].numel() if isinstance(model[k], torch.Tensor) else 0)
-    flip_inside(out / rel, tensor_bytes(model[key]))
+    key = flip_largest_tensor(out / rel)
     code, lines = check(out, capsys)
     assert code == 1
     assert_names_only(lines, rel, f"model.{key}")

@@ -210,9 +210,10 @@ def test_launch_script_runs_pretrain_gpt_with_the_checkpoints_flags_then_the_use
     assert argv[argv.index("--nnodes") + 1] == "3" and argv[argv.index("--node_rank") + 1] == "1"
     assert argv[argv.index("--nproc_per_node") + 1] == "2" and argv[argv.index("--master_addr") + 1] == "node0"
     script_at = argv.index(str(megatron_lm / "pretrain_gpt.py"))
-    assert argv[script_at + 1:script_at + 1 + len(_flags(root))] == _flags(root)
+    flags = _flags(root)
+    assert argv[script_at + 1:script_at + 1 + len(flags)] == flags
     assert argv[-4:] == ["--data-path", "data/text", "--lr", "3e-4"]  # last: they win over the defaults
     assert argv[argv.index("--save") + 1] == f"{root}-megatron-lm" == argv[argv.index("--load") + 1]
     printed = subprocess.run(["bash", str(script), str(root), "--print-flags"], capture_output=True, text=True,
                              timeout=120, env={**env, "MEGATRON_LM": ""})
-    assert printed.returncode == 0 and shlex.split(printed.stdout.replace("\\\n", " ")) == _flags(root)
+    assert printed.returncode == 0 and shlex.split(printed.stdout.replace("\\\n", " ")) == flags

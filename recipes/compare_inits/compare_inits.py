@@ -38,7 +38,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from hyperclone_dist.experiments import Curve, plot_curves, read_curve, steps_to_reach, write_section  # noqa: E402
+from hyperclone_dist.experiments import (  # noqa: E402
+    Curve,
+    plot_curves,
+    read_curve,
+    run_pretrain,
+    steps_to_reach,
+    write_section,
+)
 
 PY = sys.executable
 GROWN_ADAM = ["--clone-from", "{small_ckpt}", "--data-offset-steps", "{small_steps}"]  # moments, step, data stream
@@ -99,14 +106,6 @@ HANDOFF_ARMS = ("noisy", "small-continued", "noisy low-peak", "noisy grown-adam"
 NEEDS_MOMENTS = {arm for arm, flags in ARMS.items() if "{small_ckpt}" in flags}
 
 
-def pretrain(flags: list, env: dict, log: Path) -> None:
-    cmd = [PY, "launch/pretrain.py", "--no-progress", *map(str, flags)]
-    with open(log, "w") as out:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise SystemExit(f"compare_inits: {' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
-
-
 def flops_per_token(cfg_path: Path, seq: int) -> float:
     from hyperclone_dist.sources import open_source
     from hyperclone_dist.train.monitor import flops_per_token as fpt
@@ -148,9 +147,10 @@ def main() -> int:
                          "(with its Adam moments); leave out --small or those arms")
     if not args.small and (not small.is_file() or wants_moments):
         print(f"training the small model ({args.small_steps} steps) ...", flush=True)
-        pretrain(["--init", "random", "--model-config", "configs/models/llama-tiny.json", "--train-iters",
-                  args.small_steps, "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "40", *common,
-                  "--seed", 0, "--save", out / "small", "--save-moments"], env, out / "small.log")
+        run_pretrain(["--init", "random", "--model-config", "configs/models/llama-tiny.json", "--train-iters",
+                      args.small_steps, "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "40", *common,
+                      "--seed", 0, "--save", out / "small", "--save-moments"], env, out / "small.log",
+                     "compare_inits", REPO)
         subprocess.run([PY, "-m", "hyperclone_dist.cli.main", "export", out / "small", "--format", "small.pt",
                         "--out", small, "--overwrite"], cwd=REPO, env=env, check=True, capture_output=True)
     jobs = []
@@ -170,7 +170,7 @@ def main() -> int:
         arm, seed, run_dir, flags = job
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        pretrain(flags, env, run_dir / "log.txt")
+        run_pretrain(flags, env, run_dir / "log.txt", "compare_inits", REPO)
         (run_dir / "done").write_text("ok\n")
         print(f"  {arm} seed {seed} done ({(time.time() - started) / 60:.1f} min)", flush=True)
 

@@ -111,9 +111,10 @@ def table(args, out: Path, small: int, budget: int) -> tuple[list[str], dict[str
                 all(3 * r <= 2 * budget for r in reach):
             verdicts.append(f"{arm} ({len(seeds)} seeds, at most step {max(reach)} of {budget})")
     gap = statistics.mean(r.final for r in base.values()) - small_final
+    passes = "training from scratch passes the small model" if gap < 0 else "random ends above the small model"
     head = (f"### Small model {small} steps (final valid loss {small_final:.3f}, all-in charge {charge:.0f} large "
             f"steps), large budget {budget} steps\n\nRandom's final loss − the small model's: **{gap:+.3f}** "
-            f"(negative: training from scratch passes the small model).\n")
+            f"({passes}).\n")
     return [head, HEADER, "|" + "---|" * (HEADER.count("|") - 1), *rows], means, verdicts
 
 

@@ -33,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from corpus import build, token_count  # noqa: E402
 from report import report  # noqa: E402
 
+from hyperclone_dist.experiments import run_pretrain  # noqa: E402
+
 PY = sys.executable
 GROWN = ["--clone-from", "{ckpt}", "--data-offset-steps", "{small}"]  # grown Adam, step count, data stream
 # grown Adam: a ramp from ~the small model's final LR back to the peak, decayed by half the budget, then flat
@@ -80,14 +82,6 @@ SMOKE = dict(small_steps=[10], budgets=[10, 20], decisive=20, seeds=[0], eval_in
 
 def warmup(steps: int) -> int:
     return min(40, steps // 4)  # 40 steps, as compare_inits; shorter only in the smoke run
-
-
-def pretrain(flags: list, env: dict, log: Path) -> None:
-    cmd = [PY, "launch/pretrain.py", "--no-progress", *map(str, flags)]
-    with open(log, "w") as out:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise SystemExit(f"long_budget: {' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
 
 
 def run_name(arm: str, small: int | None, budget: int, seed: int) -> str:
@@ -155,9 +149,10 @@ def train(args, out: Path, prefix: Path) -> None:
         with locks[steps]:
             if (out / f"small-{steps}.pt").is_file():
                 return
-            pretrain(["--init", "random", "--model-config", "configs/models/llama-tiny.json", "--train-iters",
-                      steps, "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", warmup(steps), *common,
-                      "--seed", 0, "--save", out / f"small-{steps}", "--save-moments"], env, out / f"small-{steps}.log")
+            run_pretrain(["--init", "random", "--model-config", "configs/models/llama-tiny.json", "--train-iters",
+                          steps, "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", warmup(steps), *common,
+                          "--seed", 0, "--save", out / f"small-{steps}", "--save-moments"], env,
+                         out / f"small-{steps}.log", "long_budget", REPO)
             subprocess.run([PY, "-m", "hyperclone_dist.cli.main", "export", out / f"small-{steps}", "--format",
                             "small.pt", "--out", out / f"small-{steps}.pt", "--overwrite"], cwd=REPO, env=env,
                            check=True, capture_output=True)
@@ -178,7 +173,7 @@ def train(args, out: Path, prefix: Path) -> None:
                  run_dir / "metrics.jsonl", *[str(f).format(**fill) for f in ARMS[arm][0]]]
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        pretrain(flags, env, run_dir / "log.txt")
+        run_pretrain(flags, env, run_dir / "log.txt", "long_budget", REPO)
         (run_dir / "done").write_text("ok\n")
         print(f"  {run_dir.name} done ({(time.time() - started) / 60:.1f} min)", flush=True)
 
