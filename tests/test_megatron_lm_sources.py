@@ -8,7 +8,8 @@ and non-zero iterations; one model for each family they read as) with the logits
 them. Each is grown x2 to HF;
 ``hyperclone verify`` compares it with the source, and its logits are compared with that GPTModel's.
 ``test_real_megatron_lm`` does the same with Megatron-LM's own ``save_checkpoint`` when ``MEGATRON_LM``
-points at its tree (tests/mp_workers/megatron_lm_real.py).
+points at its tree (tests/mp_workers/megatron_lm_real.py), run by ``MEGATRON_LM_PYTHON`` (default: this
+interpreter), which must import six and triton as Megatron-LM's training package does.
 """
 
 from __future__ import annotations
@@ -263,6 +264,9 @@ def test_vocab_from_tokenizer_or_every_padded_row(tmp_path):
 
 
 MEGATRON_LM = os.environ.get("MEGATRON_LM", "")
+# Megatron-LM's training package imports six and triton: the interpreter that can run it, as in
+# tests/test_megatron_lm_interop.py
+MEGATRON_LM_PYTHON = os.environ.get("MEGATRON_LM_PYTHON", sys.executable)
 CPU_FLAGS = ["--transformer-impl", "local", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
              "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--use-cpu-initialization",
              "--distributed-backend", "gloo", "--seq-length", "16", "--micro-batch-size", "1", "--lr", "1e-4",
@@ -298,7 +302,7 @@ def test_real_megatron_lm(tmp_path):
         models[name] = {"flags": [*CPU_FLAGS, *flags, *extra], "tokenizer_vocab": vocab, "saves": saves}
     (tmp_path / "plan.json").write_text(json.dumps({"out": str(tmp_path), "models": models}))
     env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [MEGATRON_LM, ENV.get("PYTHONPATH")]))}
-    proc = subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node", "2",
+    proc = subprocess.run([MEGATRON_LM_PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(REPO / "tests" / "mp_workers" / "megatron_lm_real.py"), str(tmp_path / "plan.json")],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-6000:]
