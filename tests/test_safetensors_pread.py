@@ -34,6 +34,9 @@ def test_reads_equal_safetensors_own(stored):
         assert whole.dtype == tensors[name].dtype and torch.equal(whole, own.get_tensor(name))
         for lo, hi in ((0, 1), (3, 20), (36, 37), (0, 37)):
             assert torch.equal(data.read(name, (lo, hi)), own.get_slice(name)[lo:hi])
+        for lo, hi in ((30, 38), (5, 5), (-1, 3)):  # beyond its rows lie the next tensor's bytes
+            with pytest.raises(HypercloneError, match=f"rows {lo}:{hi} of tensor {name} .*it has 37"):
+                data.read(name, (lo, hi))
     data.close()
 
 

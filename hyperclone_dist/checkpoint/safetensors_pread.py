@@ -46,6 +46,8 @@ class SafetensorsData:
         begin, end = entry["data_offsets"]
         if rows is not None:
             lo, hi = rows
+            if not 0 <= lo < hi <= shape[0]:  # past them lie other tensors' bytes: never read those as these
+                raise HypercloneError(f"rows {lo}:{hi} of tensor {name} in {self.file} (it has {shape[0]})")
             row_bytes = math.prod(shape[1:]) * dtype.itemsize
             begin, end = begin + lo * row_bytes, begin + hi * row_bytes
             shape[0] = hi - lo

@@ -11,7 +11,6 @@ own rank's slices in memory through the same mapping, megatron/weights.py; no fi
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import shutil
 from dataclasses import dataclass
@@ -69,9 +68,6 @@ def convert_to_megatron(src: str | Path, out: str | Path, spec: GrowthSpec, layo
     if fmt not in MEGATRON_FORMATS:
         raise HypercloneError(f"unknown megatron format {fmt!r} (choose from {', '.join(MEGATRON_FORMATS)})")
     import_megatron_core()  # without the compiler and wandb imports: every process of a torchrun job pays them
-    # the ~3 x 10^5 objects those imports made never die: frozen, they are not scanned again by every full
-    # collection that building and saving the ranks' modules triggers (~1 CPU-s of a 5 GB conversion)
-    gc.freeze()
     src, out = Path(src), Path(out)
     with lock.held_while_writing(out):  # rank 0 locks ``out`` in make_partial_dir; released once published
         return _grow_and_write(src, out, spec, layout, fmt, dtype, overwrite, progress, checksums, release)
