@@ -167,6 +167,24 @@ def test_blend_and_split_are_deterministic_per_seed(data, tmp_path):
     assert any(a.cache_dir.glob("*-BlendedDataset-train-dataset_index.npy"))
 
 
+
+def test_a_second_job_on_the_same_cache_waits_for_the_first(data, tmp_path):
+    """megatron writes its index caches in place, so a job's rank 0 builds them under a lock on the cache:
+    while another job holds it, building datasets waits; once it is released, the build completes."""
+    import fcntl
+    import threading
+
+    first = build_datasets(_config(data, tmp_path), train_samples=100, valid_samples=10)
+    done = threading.Event()
+    with open(first.cache_dir / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        second = threading.Thread(target=lambda: (build_datasets(_config(data, tmp_path, seed=3), train_samples=200,
+                                                                 valid_samples=10), done.set()))
+        second.start()
+        assert not done.wait(timeout=3.0), "built the datasets while another job held the cache's lock"
+    second.join(timeout=120)
+    assert done.is_set()
+
 def test_train_samples_past_one_epoch_repeat_documents(data, tmp_path):
     one_prefix = DataConfig(prefixes=str(data["words"]), tokenizer_model=str(data["tok"]),
                             cache_dir=str(tmp_path / "c"), split="1,0,0", sequence_length=64)

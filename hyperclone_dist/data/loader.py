@@ -21,6 +21,7 @@ instead of leaving ranks 1.. waiting at a barrier for a rank 0 that failed. Noth
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import math
 import re
@@ -192,6 +193,23 @@ def _rank_zero_without_process_group():
         dist.get_rank = original
 
 
+@contextlib.contextmanager
+def _one_builder_per_cache(cache_dir: Path):
+    """Held by each job's global rank 0 while megatron builds or loads the index caches: megatron writes them
+    with ``numpy.save`` in place, so a second job on the same data and cache could load a file that is still
+    being written. Its other ranks wait at megatron's own barrier meanwhile. A filesystem without ``flock``
+    (some parallel filesystems mount without it) is used unlocked, as megatron itself would."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        yield
+        return
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / ".lock", "a") as lock:
+        with contextlib.suppress(OSError):
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def build_datasets(config: DataConfig, train_samples: int, valid_samples: int = 0) -> Datasets:
     """Build (or load from the cache) the train split with ``train_samples`` samples and, when
     ``valid_samples`` > 0, the valid split. Call on every rank; the samples are identical on all of them."""
@@ -236,7 +254,7 @@ def build_datasets(config: DataConfig, train_samples: int, valid_samples: int = 
             gpt_config.split_matrix[i] = None
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, gpt_config)
     try:
-        with _rank_zero_without_process_group():
+        with _rank_zero_without_process_group(), _one_builder_per_cache(cache_dir):
             train, valid, _ = builder.build()
     except OSError as exc:
         raise HypercloneError(f"cannot write the dataset index cache under {cache_dir}: "
