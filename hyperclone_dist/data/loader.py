@@ -197,14 +197,20 @@ def _rank_zero_without_process_group():
 def _one_builder_per_cache(cache_dir: Path):
     """Held by each job's global rank 0 while megatron builds or loads the index caches: megatron writes them
     with ``numpy.save`` in place, so a second job on the same data and cache could load a file that is still
-    being written. Its other ranks wait at megatron's own barrier meanwhile. A filesystem without ``flock``
-    (some parallel filesystems mount without it) is used unlocked, as megatron itself would."""
+    being written. Its other ranks wait at megatron's own barrier meanwhile. A cache that cannot hold the lock
+    file (read-only, only read) or a filesystem without ``flock`` (some parallel filesystems mount without it)
+    is used unlocked, as megatron itself would."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         yield
         return
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / ".lock", "a") as lock:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(cache_dir / ".lock", "a")  # noqa: SIM115 (closed below, after the build)
+    except OSError:
+        yield
+        return
+    with lock:
         with contextlib.suppress(OSError):
             fcntl.flock(lock, fcntl.LOCK_EX)
         yield
