@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import os
 from pathlib import Path
 
@@ -123,18 +122,3 @@ def builtin_small_pt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("small") / "small.pt"
     small_pt.save(path, BUILTIN, random_state_dict(BUILTIN, seed=0))
     return path
-
-
-def pytest_collection_modifyitems(config, items):
-    """The order the workers take modules in (``-n 2 --dist loadscope --no-loadscope-reorder``; each module's
-    own order kept): the real-model module first, since it is the longest one module can take and on a fresh
-    machine it first builds its models; then the others with the most tests first, as xdist would order them.
-    With the real-model module last (xdist's order: it has 5 tests) a fresh clone ended on it alone."""
-    def module_of(item) -> str:
-        return item.module.__name__ if item.module else item.nodeid
-
-    tests, real = collections.Counter(module_of(item) for item in items), set()
-    for item in items:
-        if item.get_closest_marker("real"):
-            real.add(module_of(item))
-    items.sort(key=lambda item: (module_of(item) not in real, -tests[module_of(item)]))
