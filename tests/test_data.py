@@ -3,11 +3,13 @@ train/valid datasets in one process and under torchrun, and ``hyperclone data`` 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -167,13 +169,9 @@ def test_blend_and_split_are_deterministic_per_seed(data, tmp_path):
     assert any(a.cache_dir.glob("*-BlendedDataset-train-dataset_index.npy"))
 
 
-
 def test_a_second_job_on_the_same_cache_waits_for_the_first(data, tmp_path):
     """megatron writes its index caches in place, so a job's rank 0 builds them under a lock on the cache:
     while another job holds it, building datasets waits; once it is released, the build completes."""
-    import fcntl
-    import threading
-
     first = build_datasets(_config(data, tmp_path), train_samples=100, valid_samples=10)
     done = threading.Event()
     with open(first.cache_dir / ".lock", "a") as held:
@@ -184,6 +182,7 @@ def test_a_second_job_on_the_same_cache_waits_for_the_first(data, tmp_path):
         assert not done.wait(timeout=3.0), "built the datasets while another job held the cache's lock"
     second.join(timeout=120)
     assert done.is_set()
+
 
 def test_train_samples_past_one_epoch_repeat_documents(data, tmp_path):
     one_prefix = DataConfig(prefixes=str(data["words"]), tokenizer_model=str(data["tok"]),
