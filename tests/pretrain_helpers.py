@@ -56,6 +56,7 @@ class Job:
     flags: list[str]  # pretrain.py flags; --metrics-file is added
     out: Path  # this job's log and metrics
     launcher: str = "warm"  # forked from the warm process; or "torchrun", "deepspeed": the real launchers
+    master_port: int = field(default_factory=free_port)  # the deepspeed launcher's --master_port
 
     @property
     def metrics_file(self) -> Path:
@@ -72,7 +73,7 @@ class Job:
     def command(self) -> list[str]:
         flags = self.argv
         if self.launcher == "deepspeed":
-            return [str(BIN / "deepspeed"), "--num_gpus", str(self.nproc), "--master_port", str(free_port()),
+            return [str(BIN / "deepspeed"), "--num_gpus", str(self.nproc), "--master_port", str(self.master_port),
                     PRETRAIN, *flags]
         return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(self.nproc), PRETRAIN, *flags]
 

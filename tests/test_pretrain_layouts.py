@@ -36,6 +36,8 @@ from pretrain_helpers import (
     zero_stage,
 )
 
+from hyperclone_dist.train.engine import SHM_DIR
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -182,3 +184,17 @@ def test_exported_checkpoint_gives_the_trainers_valid_loss(layout_runs, tmp_path
     print(f"\nexported valid loss {got!r}, trainer {trained!r}, rel {rel(got, trained):.2e}")
     assert rel(got, trained) <= CLONE_TOL, (got, trained)
     assert trained < 0.95 * initial  # the export holds the trained weights, not the clone's
+
+
+def test_a_deepspeed_launched_job_leaves_no_shared_memory(layout_runs):
+    """On one CPU node the deepspeed launcher's ranks all-reduce through one shared-memory segment per rank
+    (DeepSpeed's shm_comm op), which DeepSpeed never unlinks; the trainer removes the names once every rank
+    has mapped them, so a finished job leaves nothing in /dev/shm."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops import __compatible_ops__
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    assert builder is not None and __compatible_ops__.get(builder.NAME), "no shm all-reduce here: nothing to test"
+    job = layout_runs["tp2-pp2-zero1-deepspeed"].check().job
+    left = sorted(SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{job.master_port}_*"))
+    assert not left, f"left in {SHM_DIR} by the job: {[p.name for p in left]}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import os
 from pathlib import Path
 
 import torch
@@ -139,3 +140,32 @@ def _comm_backend_without_banner(deepspeed) -> None:
     print is dropped: a failed build raises, and DeepSpeed's logger keeps the stream it was given."""
     with contextlib.redirect_stdout(io.StringIO()):
         deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+    _unlink_shared_memory_names()
+
+
+SHM_DIR = Path("/dev/shm")  # where Linux keeps POSIX shared memory (shm_open) objects
+
+
+def shm_allreduce_names(rank: int | None = None) -> list[Path]:
+    """DeepSpeed's CPU all-reduce segments of this job (deepspeed/ops/csrc/cpu/comm/shm.cpp names them
+    ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``); one rank's or all of them."""
+    prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_" \
+             f"{os.environ.get('MASTER_PORT', '')}_"
+    if rank is not None:
+        return [SHM_DIR / f"{prefix}{rank}"]
+    return sorted(SHM_DIR.glob(f"{prefix}*"))
+
+
+def _unlink_shared_memory_names() -> None:
+    """On a CPU node started by the deepspeed launcher (its LOCAL_SIZE says every rank is local), DeepSpeed's
+    all-reduce maps one 69 MB shared-memory segment per rank and never unlinks them (shm.cpp has a
+    ``shared_close`` that nothing calls): each job, finished or killed, leaves world size x 69 MB of RAM in
+    /dev/shm until the node reboots. Every rank maps every segment while DeepSpeed's backend starts, so once
+    all ranks are past that (the barrier) each removes its own name: the mappings stay valid until the
+    processes exit, and the kernel frees the memory then, however they exit."""
+    if os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):  # DeepSpeed's own test: every rank agrees
+        return
+    dist.barrier()
+    for path in shm_allreduce_names(dist.get_rank()):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
