@@ -1,4 +1,4 @@
-"""A conversion imports megatron-core without TorchDynamo/Inductor and wandb, and what it defers still works."""
+"""Our processes import megatron-core without TorchDynamo/Inductor and wandb, and what it defers still works."""
 
 from __future__ import annotations
 
@@ -41,3 +41,24 @@ def test_conversion_imports_leave_out_the_compiler_and_wandb():
                           env={**os.environ, "PYTHONWARNINGS": "ignore"}, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split("\n")[:2] == ["True True True []", "True"], proc.stdout
+
+
+def test_a_jobs_first_megatron_import_leaves_out_the_compiler_and_wandb():
+    """Whatever module of a training or verification job imports megatron-core first, after this package's
+    trainer is imported: the compiler is not imported, torch.compile is restored, wandb imports afterwards."""
+    code = ("import sys, torch\n"
+            "real = torch.compile\n"
+            "import hyperclone_dist.train\n"
+            "from megatron.core import parallel_state\n"
+            "from megatron.core.models.gpt import GPTModel\n"
+            "from megatron.core.pipeline_parallel import get_forward_backward_func\n"
+            "from megatron.core.datasets.gpt_dataset import GPTDataset\n"
+            "from megatron.core.jit import jit_fuser\n"
+            "print(torch.compile is real, jit_fuser is not real,\n"
+            "      [m for m in ('torch._dynamo', 'torch._inductor', 'wandb') if m in sys.modules])\n"
+            "import wandb\n"
+            "print(wandb.__name__)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:2] == ["True True []", "wandb"], proc.stdout

@@ -9,7 +9,9 @@ The trainer reads the result through ``hyperclone_dist.data.loader`` (``DataConf
 fail before paying for it.
 """
 
+from hyperclone_dist.megatron.light_imports import lighten_megatron_core_import
 from hyperclone_dist.quiet_imports import quiet_libraries
 
 # before this package's lazy megatron-core imports: their import-time warnings would land under the CLI's output
 quiet_libraries()
+lighten_megatron_core_import()  # its first import without the compiler's and wandb's (light_imports.py)
