@@ -55,6 +55,7 @@ class Grower:
         self._small_shapes = canonical_shapes(small)
         self._mean_squares: dict[str, float] = {}
         self._held: tuple[str, torch.Tensor] | None = None  # _small's cache
+        self._pair_noise: tuple[tuple, torch.Tensor] | None = None  # _noise's: the field of the pair in hand
 
     # ---- bookkeeping ----------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -150,7 +151,8 @@ class Grower:
                 dr, dc = rb * o + lr0 - r0, cb * i + lc0 - c0
                 target = out[dr:dr + lr1 - lr0, dc:dc + lc1 - lc0]
                 if not self._copy_block_into(rule, w, b, (lr0, lr1), (lc0, lc1), target):
-                    target.copy_(self._clone_block(name, rule, w, b, rb, cb, (lr0, lr1), (lc0, lc1)))
+                    self._clone_block_into(name, rule, w, b, rb, cb, (lr0, lr1), (lc0, lc1), target)
+        self._pair_noise = None  # a pair's noise lives for its two blocks, not past the tensor
         return out
 
     def _copy_block_into(self, rule: Rule, w, b: int, rows, cols, target: torch.Tensor) -> bool:
@@ -166,8 +168,9 @@ class Grower:
             target.copy_(part)
         return True
 
-    def _clone_block(self, name, rule: Rule, w, b, rb, cb, rows, cols) -> torch.Tensor:
-        """Block (rb, cb) of a grown matrix, restricted to small-tensor rows/cols."""
+    def _clone_block_into(self, name, rule: Rule, w, b, rb, cb, rows, cols, target: torch.Tensor) -> None:
+        """Block (rb, cb) of a grown matrix, restricted to small-tensor rows/cols, computed into ``target``
+        (through one temporary where ``target`` has another dtype: the block is rounded once, as it lands)."""
         method = self.spec.method if (rule.mixable and b > 1) else "symmetric"
         part = w[rows[0]:rows[1], cols[0]:cols[1]]
         diagonal = cb == rb % b
@@ -175,15 +178,14 @@ class Grower:
             base = part if diagonal else torch.zeros_like(part)
         else:
             base = part / b if rule.divide else part
-        if method == "noisy":
-            if b % 2 == 1 and cb == b - 1:
-                return base  # odd copy count: the unpaired block gets no noise
+        if method == "noisy" and not (b % 2 == 1 and cb == b - 1):  # odd copy count: the unpaired block is clean
             noise = self._noise(name, f"noisy/{rb}/{cb // 2}", w, b, rows, cols)
-            return base + noise if cb % 2 == 0 else base - noise
-        if method == "noisy-diagonal":
+            _into(torch.add if cb % 2 == 0 else torch.sub, base, noise, target)
+        elif method == "noisy-diagonal":
             noise = self._noise(name, f"noisy-diagonal/{rb}", w, 1, rows, cols)
-            return base + noise if diagonal else base - noise / (b - 1)
-        return base
+            _into(torch.add, base, noise, target) if diagonal else _into(torch.sub, base, noise / (b - 1), target)
+        else:
+            target.copy_(base)
 
     def _noise(self, name, tag, w, divisor, rows, cols) -> torch.Tensor:
         """Noise whose power is the block's signal power / 10^(SNR/10), the block being w/divisor."""
@@ -192,7 +194,12 @@ class Grower:
             self._mean_squares[small_name] = mean_square(w)
         std = math.sqrt(self._mean_squares[small_name] / divisor**2 / 10 ** (self.snr_db(name) / 10))
         key = field_key(self.spec.seed, name, tag)
-        return noise_rows(key, range(*rows), w.shape[1], slice(*cols), w.dtype) * std
+        # the two blocks of a noisy pair (+noise, -noise) draw the same field: drawn once, for both
+        if self._pair_noise is None or self._pair_noise[0] != (key, rows, cols):
+            self._pair_noise = None  # the previous field goes before the next is drawn
+            self._pair_noise = ((key, rows, cols), noise_rows(key, range(*rows), w.shape[1], slice(*cols),
+                                                              w.dtype).mul_(std))
+        return self._pair_noise[1]
 
     def snr_db(self, name: str) -> float:
         """The SNR of ``name``'s noise: --snr-db, or per layer from --snr-db at the first grown layer to
@@ -251,3 +258,11 @@ def _bounds(index: Index, shape: tuple[int, ...], name: str) -> list[tuple[int, 
             raise HypercloneError(f"slice {sl} of {name} (size {size}) must be non-empty with step 1")
         bounds.append((lo, hi))
     return bounds
+
+
+def _into(op, a: torch.Tensor, b: torch.Tensor, target: torch.Tensor) -> None:
+    """``target.copy_(op(a, b))`` without the temporary where ``target`` has the operands' dtype."""
+    if target.dtype == a.dtype:
+        op(a, b, out=target)
+    else:
+        target.copy_(op(a, b))

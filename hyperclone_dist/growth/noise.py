@@ -27,13 +27,26 @@ def noise_rows(key: int, rows: range, row_len: int, cols: slice = slice(None),
     """Standard-normal noise for ``rows`` of the field ``key`` (rows ``row_len`` long), cut to ``cols``."""
     width = len(range(row_len)[cols])
     out = torch.empty(len(rows), width, dtype=dtype)
-    generator = torch.Generator()
-    full = torch.empty(row_len, dtype=dtype)
-    for k, r in enumerate(rows):
-        generator.manual_seed((key + r * _GOLDEN) & _MASK63)
-        torch.randn(row_len, generator=generator, dtype=dtype, out=full)
-        out[k] = full[cols]
+    _draw_rows(out, key, rows, row_len, cols)
     return out
+
+
+def _draw_rows(out: torch.Tensor, key: int, rows: range, row_len: int, cols: slice) -> None:
+    """Row by row (a few microseconds of Python each, a third of the time for rows of ~1000): whole rows are
+    drawn straight into the output, cut rows through one scratch row."""
+    generator = torch.Generator()
+    seed, randn = generator.manual_seed, torch.randn  # bound once
+    if out.shape[1] == row_len:
+        for view, r in zip(out.unbind(0), rows):
+            seed((key + r * _GOLDEN) & _MASK63)
+            randn(row_len, generator=generator, dtype=out.dtype, out=view)
+        return
+    full = torch.empty(row_len, dtype=out.dtype)
+    part = full[cols]
+    for view, r in zip(out.unbind(0), rows):
+        seed((key + r * _GOLDEN) & _MASK63)
+        randn(row_len, generator=generator, dtype=out.dtype, out=full)
+        view.copy_(part)
 
 
 def mean_square(tensor: torch.Tensor) -> float:
