@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from hyperclone_dist.megatron.light_imports import deferred_compile
 
 
@@ -43,12 +45,18 @@ def test_conversion_imports_leave_out_the_compiler_and_wandb():
     assert proc.stdout.split("\n")[:2] == ["True True True []", "True"], proc.stdout
 
 
-def test_a_jobs_first_megatron_import_leaves_out_the_compiler_and_wandb():
-    """Whatever module of a training or verification job imports megatron-core first, after this package's
-    trainer is imported: the compiler is not imported, torch.compile is restored, wandb imports afterwards."""
+@pytest.mark.parametrize("entry", [
+    "import hyperclone_dist.train\n",  # pretrain.py's trainer
+    # hyperclone convert/verify under torchrun: init_distributed's CPU shims import megatron-core first
+    "import hyperclone_dist.cli.main\nfrom hyperclone_dist.megatron.cpu_shims import apply_cpu_shims\n"
+    "apply_cpu_shims()\n",
+])
+def test_a_jobs_first_megatron_import_leaves_out_the_compiler_and_wandb(entry):
+    """Whatever module of a job imports megatron-core first, after one of this project's entry points: the
+    compiler is not imported, torch.compile is restored, wandb imports afterwards."""
     code = ("import sys, torch\n"
             "real = torch.compile\n"
-            "import hyperclone_dist.train\n"
+            f"{entry}"
             "from megatron.core import parallel_state\n"
             "from megatron.core.models.gpt import GPTModel\n"
             "from megatron.core.pipeline_parallel import get_forward_backward_func\n"
