@@ -8,9 +8,9 @@ Memory per rank is then estimated from them, for a GPU and for a CPU (gloo) proc
 - model state: the weights and their gradients (2 + 2 bytes/parameter in bf16, 4 + 4 in float32; ZeRO-2
   partitions the gradients over data parallel), and, partitioned over data parallel, what DeepSpeed's
   ZeRO optimizer adds even in float32: its flat fp32 master copy, fp32 gradient partition and Adam's two
-  moments (4 x 4 bytes / dp), plus the temporaries of torch AdamW's update over that flat partition (it
-  computes sqrt(v) / bias correction out of place: one fp32 partition with CUDA's foreach update, two with
-  the CPU's per-tensor one);
+  moments (4 x 4 bytes / dp), plus the temporary of torch AdamW's update over that flat partition (its
+  foreach update, which the trainer asks for on GPU and CPU alike, computes sqrt(v) / bias correction out of
+  place: one fp32 partition);
 - activations (Korthikanti et al. 2022, no sequence parallelism, no recomputation, fused attention so no
   s^2 term): s·b·h·(10 + 24/t) bytes per layer and micro-batch in flight, scaled by ffn/(4h) for the MLP
   share; with 1F1B the first stage holds pp micro-batches in flight. Logits: fp32 s·b·V/t, twice.
@@ -37,7 +37,7 @@ from hyperclone_dist.train.startup import grown_shape
 
 GIB = 1024**3
 CPU_PROCESS_BASELINE = 1 * GIB  # resident once torch, DeepSpeed and megatron-core are imported
-ADAM_TEMPORARIES = {"gpu": 1, "cpu": 2}  # fp32 partition-sized temporaries of AdamW's update
+ADAM_TEMPORARIES = 1  # fp32 partition-sized temporaries of AdamW's (foreach) update
 
 
 @dataclass
@@ -51,11 +51,11 @@ class RankEstimate:
     cpu_total: float  # resident memory of the same rank as a CPU process
 
 
-def bytes_per_parameter(bf16: bool, zero: int, dp: int, device: str) -> float:
+def bytes_per_parameter(bf16: bool, zero: int, dp: int) -> float:
     """Model and optimizer state per parameter on one rank (see the module docstring)."""
     weight = 2 if bf16 else 4
     gradient = weight / dp if zero >= 2 else weight
-    optimizer = (4 + 4 + 8 + 4 * ADAM_TEMPORARIES[device]) / dp  # master, gradient partition, moments, temps
+    optimizer = (4 + 4 + 8 + 4 * ADAM_TEMPORARIES) / dp  # master, gradient partition, moments, temps
     return weight + gradient + optimizer
 
 
@@ -92,12 +92,12 @@ def estimate(config: RunConfig, cfg: ModelConfig, plan: RunPlan, zero: int) -> l
                         count *= n
                     numel += count
             layers = layout.stage_layers(cfg.num_layers)[pp_rank]
-            model_state = numel * bytes_per_parameter(bf16, zero, dp, "gpu")
+            model_state = numel * bytes_per_parameter(bf16, zero, dp)
             activations = per_layer * layers * max(1, in_flight - pp_rank)
             if pp_rank == layout.pp - 1:
                 activations += 2 * 4 * s * b * cfg.vocab_size / t
             total = (model_state + activations) * 1.1 + 2 * GIB
-            cpu = numel * bytes_per_parameter(bf16, zero, dp, "cpu") + activations + CPU_PROCESS_BASELINE
+            cpu = numel * bytes_per_parameter(bf16, zero, dp) + activations + CPU_PROCESS_BASELINE
             out.append(RankEstimate(tp_rank, pp_rank, numel, model_state, activations, total, cpu))
     return out
 

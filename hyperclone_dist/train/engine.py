@@ -124,7 +124,9 @@ def initialize_engine(chunks: list, ds_config: dict, groups: dict[tuple[bool, fl
     stack = ChunkStack(chunks, vocab_size, seq_length, logit_scale)
     param_groups = [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * mult,
                      "lr_mult": mult} for (decay, mult), params in _same_groups_everywhere(groups, stack)]
-    optimizer = torch.optim.AdamW(param_groups, betas=betas, eps=eps)
+    # foreach: torch's default on CUDA; on the CPU its default is the per-tensor loop, whose update of
+    # DeepSpeed's flat fp32 partition makes two partition-sized temporaries instead of one (the same bits)
+    optimizer = torch.optim.AdamW(param_groups, betas=betas, eps=eps, foreach=True)
     scheduler = lr_scheduler(optimizer, schedule)
     _comm_backend_without_banner(deepspeed)
     engine, _, _, _ = deepspeed.initialize(model=stack, optimizer=optimizer,
