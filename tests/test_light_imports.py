@@ -28,6 +28,14 @@ def test_deferred_compile_compiles_at_the_first_call_only():
     assert later(1) == 2 and compiled == [{}, {"mode": "max-autotune"}]
 
 
+def printed_by(code: str) -> list[str]:
+    """The lines a fresh interpreter prints running ``code`` (it must succeed)."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.split("\n")
+
+
 def test_conversion_imports_leave_out_the_compiler_and_wandb():
     code = ("import sys, torch\n"
             "from hyperclone_dist.megatron.light_imports import import_megatron_core\n"
@@ -39,10 +47,7 @@ def test_conversion_imports_leave_out_the_compiler_and_wandb():
             "      [m for m in ('torch._dynamo', 'torch._inductor', 'wandb') if m in sys.modules])\n"
             "import importlib.util\n"
             "print(importlib.util.find_spec('wandb') is None or __import__('wandb') is not None)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split("\n")[:2] == ["True True True []", "True"], proc.stdout
+    assert printed_by(code)[:2] == ["True True True []", "True"]
 
 
 @pytest.mark.parametrize("entry", [
@@ -66,7 +71,4 @@ def test_a_jobs_first_megatron_import_leaves_out_the_compiler_and_wandb(entry):
             "      [m for m in ('torch._dynamo', 'torch._inductor', 'wandb') if m in sys.modules])\n"
             "import wandb\n"
             "print(wandb.__name__)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split("\n")[:2] == ["True True []", "wandb"], proc.stdout
+    assert printed_by(code)[:2] == ["True True []", "wandb"]
