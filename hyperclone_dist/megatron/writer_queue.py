@@ -24,6 +24,7 @@ from hyperclone_dist.megatron import internals
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _manager: SyncManager | None = None  # referenced for the life of the process: collecting it shuts it down
+_forks_registered = False
 
 
 def _die_with_parent(parent: int) -> None:
@@ -31,6 +32,21 @@ def _die_with_parent(parent: int) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before the request above took effect
         os._exit(0)
+
+
+def forked_children_die_with_this_process() -> None:
+    """Every process forked from this one from now on is killed when this one dies (idempotent; Linux).
+
+    megatron's torch_dist save forks its writer processes from the rank's main thread
+    (``FileSystemWriterAsync``); when a job ends a rank by a signal (torchrun stops the others once one
+    fails), the writers it forked lived on as orphans, writing into a checkpoint nothing will complete.
+    PR_SET_PDEATHSIG follows the forking thread: the main thread, so the rank's exit."""
+    global _forks_registered
+    if _forks_registered or not sys.platform.startswith("linux"):
+        return
+    parent = os.getpid()
+    os.register_at_fork(after_in_child=lambda: _die_with_parent(parent))
+    _forks_registered = True
 
 
 def own_results_queue() -> None:

@@ -26,6 +26,7 @@ from hyperclone_dist.megatron.load import is_megatron_checkpoint
 from hyperclone_dist.megatron.model import build_gpt_model
 from hyperclone_dist.megatron.parallel import agreed, init_distributed, init_model_parallel
 from hyperclone_dist.megatron.weights import fill_chunks
+from hyperclone_dist.megatron.writer_queue import forked_children_die_with_this_process
 from hyperclone_dist.train.checkpointing import (
     check_resumable,
     load_model_only,
@@ -61,6 +62,7 @@ def prepare_environment() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     repo_cache = Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(repo_cache))  # DeepSpeed's JIT ops, built once
+    forked_children_die_with_this_process()  # megatron's checkpoint writers, should a signal end this rank
 
 
 class Run:
