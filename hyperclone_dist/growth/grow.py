@@ -183,7 +183,8 @@ class Grower:
             _into(torch.add if cb % 2 == 0 else torch.sub, base, noise, target)
         elif method == "noisy-diagonal":
             noise = self._noise(name, f"noisy-diagonal/{rb}", w, 1, rows, cols)
-            _into(torch.add, base, noise, target) if diagonal else _into(torch.sub, base, noise / (b - 1), target)
+            op, term = (torch.add, noise) if diagonal else (torch.sub, noise / (b - 1))
+            _into(op, base, term, target)
         else:
             target.copy_(base)
 

@@ -148,14 +148,11 @@ def _comm_backend_without_banner(deepspeed) -> None:
 SHM_DIR = Path("/dev/shm")  # where Linux keeps POSIX shared memory (shm_open) objects
 
 
-def shm_allreduce_names(rank: int | None = None) -> list[Path]:
-    """DeepSpeed's CPU all-reduce segments of this job (deepspeed/ops/csrc/cpu/comm/shm.cpp names them
-    ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``); one rank's or all of them."""
-    prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_" \
-             f"{os.environ.get('MASTER_PORT', '')}_"
-    if rank is not None:
-        return [SHM_DIR / f"{prefix}{rank}"]
-    return sorted(SHM_DIR.glob(f"{prefix}*"))
+def shm_allreduce_name(rank: int) -> Path:
+    """One rank's DeepSpeed CPU all-reduce segment of this job (deepspeed/ops/csrc/cpu/comm/shm.cpp names them
+    ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``)."""
+    return SHM_DIR / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                      f"{os.environ.get('MASTER_PORT', '')}_{rank}")
 
 
 def _unlink_shared_memory_names() -> None:
@@ -168,6 +165,5 @@ def _unlink_shared_memory_names() -> None:
     if os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):  # DeepSpeed's own test: every rank agrees
         return
     dist.barrier()
-    for path in shm_allreduce_names(dist.get_rank()):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        shm_allreduce_name(dist.get_rank()).unlink()
