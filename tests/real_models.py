@@ -80,6 +80,28 @@ def materialize(name: str) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def _one_gguf_parse():
+    """transformers opens the GGUF file three times (config, weights, tokenizer), each a new
+    ``gguf.GGUFReader`` that parses every metadata field again: ~20 s each for Gemma 3's 262144-token
+    vocabulary. The reader only reads its memory map, so one per file serves all three."""
+    import gguf
+
+    original, readers = gguf.GGUFReader, {}
+
+    def shared(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def _build(name: str, out: Path) -> None:
     """Dequantize the GGUF into a fresh model and save it as the bf16 HF directory ``out``."""
     import torch
@@ -87,8 +109,9 @@ def _build(name: str, out: Path) -> None:
 
     transformers.logging.set_verbosity_error()
     gguf = _gguf(name)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with _one_gguf_parse():
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = loaded.config
     for key in ("quantization_config", "_name_or_path"):
         if hasattr(config, key):
