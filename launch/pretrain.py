@@ -15,6 +15,11 @@ Any bad input ends the whole job with one line on stderr from rank 0 and exit st
 
 from __future__ import annotations
 
+import gc
+
+if __name__ == "__main__":  # this file is the program: no cyclic collections while the imports run
+    gc.disable()  # (hyperclone_dist/process_gc.py); spawned children import it as __mp_main__
+
 import contextlib
 import os
 import sys
@@ -27,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from hyperclone_dist.errors import HypercloneError
 from hyperclone_dist.megatron.parallel import AgreedError, destroy_parallel
+from hyperclone_dist.process_gc import run_command
 from hyperclone_dist.train.args import parse_args
 from hyperclone_dist.train.dryrun import dry_run
 from hyperclone_dist.train.loop import pretrain
@@ -65,4 +71,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # megatron's checkpoint writer starts a spawn-context Manager: keep this guard
-    sys.exit(main())
+    sys.exit(run_command(main))

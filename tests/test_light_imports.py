@@ -1,4 +1,5 @@
-"""Our processes import megatron-core without TorchDynamo/Inductor and wandb, and what it defers still works."""
+"""Our processes import megatron-core without TorchDynamo/Inductor and wandb, and what it defers still works;
+our commands import without cyclic garbage collection and freeze what they imported."""
 
 from __future__ import annotations
 
@@ -72,3 +73,39 @@ def test_a_jobs_first_megatron_import_leaves_out_the_compiler_and_wandb(entry):
             "import wandb\n"
             "print(wandb.__name__)\n")
     assert printed_by(code)[:2] == ["True True []", "wandb"]
+
+
+# Run as the program (run_name "__main__"), with process_gc.run_command wrapped to report, when the command
+# starts, how many collections ran once torch began importing and what is frozen; the report replaces the
+# command itself.
+SPY = """
+import gc, runpy, sys
+import hyperclone_dist.process_gc as process_gc
+collections = []
+gc.callbacks.append(lambda phase, info: phase == "start" and "torch" in sys.modules and collections.append(1))
+real = process_gc.run_command
+def spy(main):
+    imports = len(collections)
+    def report():
+        print(imports, gc.get_freeze_count() > 100_000, gc.isenabled())
+        return 0
+    return real(report)
+process_gc.run_command = spy
+sys.argv = [{entry!r}]
+try:
+    {run}
+except SystemExit as exit_:
+    assert exit_.code == 0, exit_.code
+print(gc.get_freeze_count() > 100_000)
+"""
+
+
+@pytest.mark.parametrize("run", [
+    'runpy.run_module("hyperclone_dist.cli.main", run_name="__main__")',  # python -m hyperclone_dist.cli.main
+    'runpy.run_path("launch/pretrain.py", run_name="__main__")',
+])
+def test_a_command_imports_without_cyclic_collection_then_freezes_them(run):
+    """hyperclone_dist/process_gc.py: no collection while torch, megatron-core, DeepSpeed and transformers
+    import; what they built frozen when the command starts (collection back on); frozen again at its end."""
+    entry = "launch/pretrain.py" if "pretrain" in run else "hyperclone"
+    assert printed_by(SPY.format(entry=entry, run=run))[:2] == ["0 True True", "True"]

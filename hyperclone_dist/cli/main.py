@@ -10,8 +10,12 @@
 
 from __future__ import annotations
 
-import argparse
 import gc
+
+if __name__ == "__main__":  # python -m hyperclone_dist.cli.main: no cyclic collections while the imports
+    gc.disable()  # run (hyperclone_dist/process_gc.py); command() turns them back on
+
+import argparse
 import os
 import select
 import sys
@@ -40,6 +44,7 @@ from hyperclone_dist.megatron.lm_flags import format_flags, pretrain_flags, toke
 from hyperclone_dist.megatron.load import is_megatron_checkpoint
 from hyperclone_dist.megatron.parallel import AgreedError, destroy_parallel, init_distributed
 from hyperclone_dist.megatron.verify import verify_megatron
+from hyperclone_dist.process_gc import run_command
 from hyperclone_dist.progress import show_progress
 from hyperclone_dist.sources import model_config_at
 from hyperclone_dist.verify import compare_checkpoints
@@ -282,5 +287,11 @@ def _run(argv: list[str]) -> int:
     return EXIT_BAD_INPUT
 
 
+def command() -> int:
+    """The ``hyperclone`` console script and ``python -m hyperclone_dist.cli.main``: ``main()`` as its
+    process's one command (tests and the warm runner call ``main`` itself)."""
+    return run_command(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

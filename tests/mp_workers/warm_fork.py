@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import glob
 import hashlib
 import importlib.util
@@ -246,7 +247,10 @@ def _load_entries() -> None:
 
 def main() -> None:
     plan = json.loads(Path(sys.argv[1]).read_text())
+    gc.disable()  # as a command's process does (hyperclone_dist/process_gc.py): the imports uncollected, then
     _load_entries()
+    gc.freeze()  # frozen, so that no run's collections (nor this process's exit) scan them again, and a
+    gc.enable()  # collection in a fork does not write to (and so copy) every page they are on
     report, stopped = [], {}
     for k, step in enumerate(plan["steps"]):
         if "fs" in step:
