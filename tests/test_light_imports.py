@@ -83,10 +83,11 @@ import gc, runpy, sys
 import hyperclone_dist.process_gc as process_gc
 collections = []
 gc.callbacks.append(lambda phase, info: phase == "start" and "torch" in sys.modules and collections.append(1))
-real = process_gc.run_command
+real, built = process_gc.run_command, []
 def spy(main):
     imports = len(collections)
     def report():
+        built.append([])  # an object of the command's own: frozen only by its end
         print(imports, gc.get_freeze_count() > 100_000, gc.isenabled())
         return 0
     return real(report)
@@ -96,7 +97,7 @@ try:
     {run}
 except SystemExit as exit_:
     assert exit_.code == 0, exit_.code
-print(gc.get_freeze_count() > 100_000)
+print(id(built[0]) not in {{id(o) for o in gc.get_objects()}})  # get_objects leaves out the frozen
 """
 
 
