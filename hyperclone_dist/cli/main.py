@@ -81,10 +81,10 @@ def _convert_megatron(args: argparse.Namespace) -> int:
 def _write_megatron(args: argparse.Namespace) -> int:
     layout = layout_from_args(args)
     import_megatron_core()
-    # this process converts once and exits: the ~3 x 10^5 objects its imports made never die, and frozen
-    # they are not scanned again by every full collection that building and saving the ranks' modules
-    # triggers (~1 CPU-s of a 5 GB conversion). Not in convert_to_megatron: a library call must not pin
-    # its caller's objects for good.
+    # this process converts once and exits: megatron-core, imported just now (after command() froze the
+    # module-level imports, hyperclone_dist/process_gc.py), never dies either, and frozen it is not scanned
+    # again by every full collection that building and saving the ranks' modules triggers. Not in
+    # convert_to_megatron: a library call must not pin its caller's objects for good.
     gc.collect()
     gc.freeze()
     result = convert_to_megatron(args.src, args.out, growth_spec(args), layout, fmt=args.format,
