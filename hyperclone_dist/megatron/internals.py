@@ -5,6 +5,8 @@ Why each is needed:
 - megatron-core's torch_dist save strategy writes through processes it forks, via the page cache; the
   converter writes the same bytes in-process (distcp_writer.py) by replacing the strategy's write step
   (``_get_save_and_finalize_callbacks``) and calling PyTorch DCP's ``_write_item`` itself;
+- torch.save computes its zip CRC-32s slowly and holding the GIL; torch_zip.py runs torch's own zip writer
+  (``torch._C.PyTorchFileWriter``) with CRCs off and fills them in, feeding it ``torch.serialization._save``;
 - megatron's writer clones every tensor that is a view into a larger storage (the SwiGLU ``linear_fc1``
   halves its sharded-state factory cuts): the factories are applied first and such views aliased
   (``without_view_copies``), so the bytes are written from the parameter's own memory;
@@ -133,6 +135,49 @@ def finalize_save(save_state_dict_ret) -> None:
     from megatron.core.dist_checkpointing.strategies.state_dict_saver import save_state_dict_async_finalize
 
     save_state_dict_async_finalize(*save_state_dict_ret)
+
+
+def torch_version() -> str:
+    return torch.__version__
+
+
+def torch_zip_writer(stream, crc32: bool):
+    """The zip writer ``torch.save`` opens on a stream, with its CRC-32 computation on or off for it alone."""
+    require_versions()
+    if not hasattr(torch._C, "PyTorchFileWriter") or not hasattr(torch.serialization, "_get_storage_alignment"):
+        raise _missing("torch._C.PyTorchFileWriter")
+    return torch._C.PyTorchFileWriter(stream, crc32, torch.serialization._get_storage_alignment())
+
+
+def torch_save_records(obj, zip_writer) -> None:
+    """What ``torch.save(obj, f)`` writes into its zip writer, with its default pickling; the caller ends
+    the archive (``write_end_of_file``)."""
+    if not hasattr(torch.serialization, "_save"):
+        raise _missing("torch.serialization._save")
+    torch.serialization._save(obj, zip_writer, torch.serialization.pickle, torch.serialization.DEFAULT_PROTOCOL,
+                              _disable_byteorder_record=False)
+
+
+def save_stream(transforms: list, item, stream):
+    """DCP's stream for one item's bytes (its extensions, e.g. compression, applied) and the descriptors
+    its write result records."""
+    return transforms[0].transform_save_stream(item, stream)
+
+
+def is_bytes_item(item) -> bool:
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    return item.type == WriteItemType.BYTE_IO
+
+
+def write_result(item, storage_key: str, offset: int, length: int, descriptors: list):
+    """The write result DCP's ``_write_item`` returns for an item written at ``offset``."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.storage import WriteResult
+
+    return WriteResult(index=item.index, size_in_bytes=length,
+                       storage_data=_StorageInfo(storage_key, offset, length,
+                                                 transform_descriptors=descriptors or None))
 
 
 def write_item(transforms: list, stream, data, item, storage_key: str):
