@@ -54,10 +54,19 @@ class _ParameterMemory:
     """Hands the memory of a written rank's parameters to a rank built later, tensor by tensor of the
     same shape and dtype (ranks of one pipeline stage match exactly). Freshly mapped pages are what
     growing into new parameters costs most on a VM (each is faulted in, zeroed, and on some hosts first
-    fetched from the hypervisor); reused ones are already resident. Memory stays at two ranks' shards."""
+    fetched from the hypervisor: ~1.5 s per GB on the VM of docs/benchmarks.md, where growing into resident
+    memory takes ~0.5 s); reused ones are already resident. Only the first two ranks need fresh memory:
+    rank 1's is faulted in ahead (``touch_ahead``) on the otherwise idle writer thread while rank 0 grows.
+    Memory stays at two ranks' shards."""
 
     def __init__(self):
         self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._touched: Future | None = None  # memory being faulted in for the next rank built
+
+    def touch_ahead(self, chunks: list, executor: ThreadPoolExecutor) -> None:
+        """Fault in, on ``executor``, tensors shaped as ``chunks``' parameters for the next rank to borrow."""
+        shapes = [(tuple(param.shape), param.dtype) for param in _parameters(chunks)]
+        self._touched = executor.submit(_touched_tensors, shapes, torch.is_inference_mode_enabled())
 
     def take_back(self, chunks: list) -> None:
         """A written rank: keep its parameters' tensors, drop whatever an earlier rank left unused."""
@@ -68,10 +77,19 @@ class _ParameterMemory:
 
     def lend(self, chunks: list) -> None:
         """A rank just built (its parameters allocated, never touched): reuse memory where shapes match."""
+        if self._touched is not None:
+            for tensor in self._touched.result():
+                self._free.setdefault((tuple(tensor.shape), tensor.dtype), []).append(tensor)
+            self._touched = None
         for param in _parameters(chunks):
             free = self._free.get((tuple(param.shape), param.dtype))
             if free:
                 param.data = free.pop()
+
+
+def _touched_tensors(shapes: list[tuple], inference: bool) -> list[torch.Tensor]:
+    with torch.inference_mode(inference):  # the mode is per thread: the tensors are of the builder's kind
+        return [torch.empty(shape, dtype=dtype).zero_() for shape, dtype in shapes]  # zero_ releases the GIL
 
 
 def _parameters(chunks: list) -> list[torch.Tensor]:
@@ -128,6 +146,8 @@ def save_grown_serially(grower: Grower, layout: Layout, iteration_dir: Path, dty
                     _become_rank(rank, layout)
                     chunks = build_gpt_model(grower.large, layout, dtype=dtype, perform_initialization=False)
                     memory.lend(chunks)
+                    if rank == 0 and layout.tp > 1:  # rank 1 is of the same stage: the same shapes
+                        memory.touch_ahead(chunks, writer)
                     fill_chunks(chunks, grower.large, layout, parallel_state.get_tensor_model_parallel_rank(),
                                 parallel_state.get_pipeline_model_parallel_rank(), grower.slice, grower.slice_into)
                     dist_checkpointing.save(model_state(chunks, args), str(iteration_dir),
