@@ -109,3 +109,29 @@ def test_distcp_items_as_dcp_writes_them(make):
         results[1].append(internals.write_item(transforms, streams[1], data, item, "__0_0.distcp"))
     assert streams[0].getvalue() == streams[1].getvalue()
     assert results[0] == results[1]
+
+
+def test_an_extra_field_in_several_writes_gets_its_crc():
+    """Past 4 GiB of archive torch writes a record's zip64 fields and its padding as separate writes (seen
+    on a 4.6 GB file: the bytes equal torch.save's); the stream follows the lengths its header gives."""
+    import zlib
+
+    out = io.BytesIO()
+    stream = torch_zip.CrcFillingStream(out)
+    name, data = b"archive/data/0", b"\x01\x02\x03"
+    header = bytearray(30)
+    header[:4] = torch_zip.LOCAL_HEADER
+    header[26:30] = len(name).to_bytes(2, "little") + (10).to_bytes(2, "little")
+    stream.announce(len(data))
+    for write in (bytes(header), name, b"\x01\x00\x08\x00", b"FB\x02\x00ZZ", data,
+                  torch_zip.DATA_DESCRIPTOR + bytes(4) + (3).to_bytes(4, "little") * 2):
+        stream.write(write)
+    central = bytearray(46)
+    central[:4] = torch_zip.CENTRAL_ENTRY
+    central[28:30] = len(name).to_bytes(2, "little")
+    stream.write(bytes(central) + name)
+    written = out.getvalue()
+    crc = zlib.crc32(data).to_bytes(4, "little")
+    descriptor_at = 30 + len(name) + 10 + len(data)
+    assert written[descriptor_at + 4:descriptor_at + 8] == crc
+    assert written[descriptor_at + 16 + 16:descriptor_at + 16 + 20] == crc  # the central directory entry's

@@ -42,7 +42,7 @@ class _Record:
     def __init__(self, size: int | None):
         self.size = size  # announced by the writer proxy; None: the record's data is its next write
         self.name = b""
-        self.to_skip: list[int] = []  # lengths of the name and extra writes still to come
+        self.name_left = self.extra_left = 0  # bytes of the name and the extra field still to come
         self.crc = 0
         self.received = 0
 
@@ -83,12 +83,17 @@ class CrcFillingStream(io.RawIOBase):
         if state == "header":
             return self._header_or_central(view)
         record = self.records[-1]
-        if state == "name":
-            expected = record.to_skip.pop(0)
-            if len(view) != expected:
-                raise _unexpected(f"a {len(view)}-byte write where a {expected}-byte name or extra field was due")
-            record.name = record.name or bytes(view)
-            if not record.to_skip:
+        if state == "name":  # the name, then the extra field (zip64 fields and padding: one write or more)
+            if record.name_left:
+                if len(view) > record.name_left:
+                    raise _unexpected(f"a {len(view)}-byte write where {record.name_left} bytes of name were due")
+                record.name += bytes(view)
+                record.name_left -= len(view)
+            elif len(view) <= record.extra_left:
+                record.extra_left -= len(view)
+            else:
+                raise _unexpected(f"a {len(view)}-byte write where {record.extra_left} bytes of extra field were due")
+            if not record.name_left and not record.extra_left:
                 self._state = "header" if record.size == 0 else "data"
             return view
         if state == "data":
@@ -107,10 +112,10 @@ class CrcFillingStream(io.RawIOBase):
         if len(view) == 30 and view[:4] == LOCAL_HEADER:
             record = _Record(self._announced)
             self._announced = None
-            name_length, extra_length = struct.unpack_from("<HH", view, 26)
-            record.to_skip = [n for n in (name_length, extra_length) if n]
+            record.name_left, record.extra_left = struct.unpack_from("<HH", view, 26)
             self.records.append(record)
-            self._state = "name"
+            self._state = "name" if record.name_left or record.extra_left else ("header" if record.size == 0
+                                                                                 else "data")
             return view
         if view[:4] == CENTRAL_ENTRY:
             self._state = "tail"
