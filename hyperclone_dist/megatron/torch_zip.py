@@ -78,6 +78,11 @@ class CrcFillingStream(io.RawIOBase):
     def flush(self) -> None:
         self.out.flush()
 
+    @property
+    def complete(self) -> bool:
+        """The central directory has been written (and its CRCs filled)."""
+        return self._state == "tail"
+
     def _patch(self, view: memoryview):
         state = self._state
         if state == "header":
@@ -181,7 +186,7 @@ def save(obj, out) -> None:
     internals.torch_save_records(obj, _AnnouncingWriter(writer, stream))
     writer.write_end_of_file()
     stream.flush()
-    if stream._state != "tail":
+    if not stream.complete:
         raise _unexpected("the archive ended without its central directory")
 
 
