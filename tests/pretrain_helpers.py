@@ -56,7 +56,9 @@ class Job:
     flags: list[str]  # pretrain.py flags; --metrics-file is added
     out: Path  # this job's log and metrics
     launcher: str = "warm"  # forked from the warm process; or "torchrun", "deepspeed": the real launchers
-    master_port: int = field(default_factory=free_port)  # the deepspeed launcher's --master_port
+    # the deepspeed launcher's --master_port, chosen as the job starts: one chosen when the job was planned
+    # could be taken, minutes later, by another test's gloo connection (EADDRINUSE)
+    master_port: int = 0
 
     @property
     def metrics_file(self) -> Path:
@@ -73,6 +75,7 @@ class Job:
     def command(self) -> list[str]:
         flags = self.argv
         if self.launcher == "deepspeed":
+            self.master_port = free_port()
             return [str(BIN / "deepspeed"), "--num_gpus", str(self.nproc), "--master_port", str(self.master_port),
                     PRETRAIN, *flags]
         return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(self.nproc), PRETRAIN, *flags]
@@ -121,6 +124,7 @@ def run_jobs(jobs: list[Job], max_procs: int = MAX_PROCS, timeout_s: float = JOB
     pending = sorted((job for job in jobs if job.launcher != "warm"), key=lambda j: -j.nproc)
     running: dict[str, tuple[Job, subprocess.Popen, float]] = {}
     results: dict[str, Result] = {}
+    retried: set[str] = set()
     worker = _start_warm(warm) if warm else None
     try:
         while pending or running:
@@ -141,7 +145,14 @@ def run_jobs(jobs: list[Job], max_procs: int = MAX_PROCS, timeout_s: float = JOB
                 if timed_out:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
-                if proc.returncode is not None:
+                if proc.returncode is not None and _lost_its_port(job, proc.returncode) and name not in retried:
+                    # the port was free when chosen and taken before rank 0 bound it (the launcher takes a
+                    # number, not a socket): once more on another; any other failure stands
+                    print(f"[job] {name}: port {job.master_port} taken before the job bound it; once more")
+                    retried.add(name)
+                    pending.append(job)
+                    del running[name]
+                elif proc.returncode is not None:
                     results[name] = Result(job, proc.returncode, elapsed, timed_out, read_metrics(job.metrics_file))
                     print(f"[job] {name}: {job.nproc} processes, exit {proc.returncode}, {elapsed:.1f} s")
                     del running[name]
@@ -156,6 +167,12 @@ def run_jobs(jobs: list[Job], max_procs: int = MAX_PROCS, timeout_s: float = JOB
             os.killpg(worker[0].pid, signal.SIGKILL)
             worker[0].wait()
     return results
+
+
+def _lost_its_port(job: Job, returncode: int) -> bool:
+    log = job.out / "log.txt"
+    return (returncode != 0 and job.launcher == "deepspeed" and log.is_file()
+            and f"port: {job.master_port}, useIpv6: false, code: -98" in log.read_text(errors="replace"))
 
 
 def _start_warm(jobs: list[Job]) -> tuple[subprocess.Popen, Path]:
