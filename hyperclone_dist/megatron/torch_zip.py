@@ -11,9 +11,9 @@ central-directory entry, and the second half of ``.data/serialization_id`` (torc
 descriptor's CRC into it with ``c10::hash_combine``). Nothing else in the bytes depends on the CRC.
 
 The stream checks torch's write sequence as it goes (local header, name, extra field in one write or more,
-data, descriptor; the central directory in one write) and refuses, in one line, anything it does not recognise, so a torch that
-writes differently fails loudly instead of writing a zip with wrong CRCs (tests/test_torch_zip.py compares
-the bytes with torch.save's).
+data, descriptor; the central directory in one write) and refuses, in one line, anything it does not
+recognise, so a torch that writes differently fails loudly instead of writing a zip with wrong CRCs
+(tests/test_torch_zip.py compares the bytes with torch.save's).
 """
 
 from __future__ import annotations
