@@ -33,9 +33,6 @@ from hyperclone_dist.checkpoint.digests import ALGORITHM, SegmentHasher
 
 ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses: a multiple of the logical block size
 BUFFER_BYTES = 4 << 20  # one O_DIRECT write; two of them, small beside a shard (they count in the memory bound)
-# a write at least this long is copied by numpy, which releases the GIL (a memoryview slice assignment holds
-# it, ~0.5 s per GB here, stalling the thread that grows the next slices); shorter ones are not worth the call
-NUMPY_COPY_BYTES = 64 << 10
 
 
 class DirectFile(io.RawIOBase):
@@ -61,6 +58,8 @@ class DirectFile(io.RawIOBase):
         # anonymous maps: page-aligned; the caller fills one while the other is written and hashed
         self._buffers = [mmap.mmap(-1, BUFFER_BYTES) for _ in range(2)]
         self._views = [memoryview(buffer) for buffer in self._buffers]
+        # writes are copied in by numpy, which releases the GIL (a memoryview slice assignment holds it, ~0.5 s
+        # per GB here, stalling the thread that grows the next slices)
         self._arrays = [np.frombuffer(buffer, dtype=np.uint8) for buffer in self._buffers]
         self._in_flight: list[list[Future]] = [[], []]  # per buffer: its write and hash jobs
         self._current = 0  # the buffer write() fills
@@ -85,11 +84,8 @@ class DirectFile(io.RawIOBase):
         done = 0
         while done < len(view):
             n = min(len(view) - done, BUFFER_BYTES - self._filled)
-            if n >= NUMPY_COPY_BYTES:
-                np.copyto(self._arrays[self._current][self._filled:self._filled + n],
-                          np.frombuffer(view[done:done + n], dtype=np.uint8))
-            else:
-                self._view[self._filled:self._filled + n] = view[done:done + n]
+            np.copyto(self._arrays[self._current][self._filled:self._filled + n],
+                      np.frombuffer(view[done:done + n], dtype=np.uint8))
             self._filled += n
             self._written += n
             done += n
