@@ -137,10 +137,6 @@ def finalize_save(save_state_dict_ret) -> None:
     save_state_dict_async_finalize(*save_state_dict_ret)
 
 
-def torch_version() -> str:
-    return torch.__version__
-
-
 def torch_zip_writer(stream, crc32: bool):
     """The zip writer ``torch.save`` opens on a stream, with its CRC-32 computation on or off for it alone."""
     require_versions()

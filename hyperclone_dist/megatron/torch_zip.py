@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import struct
 
+import torch
 from zlib_ng import zlib_ng
 
 from hyperclone_dist.errors import HypercloneError
@@ -143,9 +144,9 @@ class CrcFillingStream(io.RawIOBase):
     def _central_directory(self, view: memoryview):
         patched = bytearray(view)
         offset = 0
-        for record in self.records:
+        for index, record in enumerate(self.records):
             if patched[offset:offset + 4] != CENTRAL_ENTRY or struct.unpack_from("<I", patched, offset + 16)[0]:
-                raise _unexpected(f"central directory entry {len(self.records)} not where expected")
+                raise _unexpected(f"central directory entry {index} not where expected, or with a CRC")
             name_length, extra_length, comment_length = struct.unpack_from("<HHH", patched, offset + 28)
             name = bytes(patched[offset + 46:offset + 46 + name_length])
             if name != record.name:
@@ -192,4 +193,4 @@ def save(obj, out) -> None:
 
 def _unexpected(what: str) -> HypercloneError:
     return HypercloneError(f"torch.save wrote {what} (hyperclone_dist/megatron/torch_zip.py does not know "
-                           f"this torch {internals.torch_version()}'s zip layout)")
+                           f"this torch {torch.__version__}'s zip layout)")
